@@ -1,0 +1,250 @@
+"""Composition: turn an ordered list of method names plus config sections into one validated plan.
+
+Every check that needs no model runs in ``compose`` (unknown methods, unknown keys, bad values,
+conflicts, missing requirements), so a bad recipe fails before any model is built. What needs the
+model (patterns that match nothing, a weight already parametrized) is checked when applied.
+
+The order things apply in is fixed here, never pluggy's registration order:
+
+1. Parametrizations, in the order the methods are listed (each Linear weight takes at most one).
+2. Factor initialization, after the model's own ``init_weights``, in the same order.
+3. Param-group options, merged from every PARAM_GROUPS method (a key set twice must agree).
+4. The optimizer, built by the one OPTIMIZER method (``adamw`` when none is listed).
+5. Step hooks after each optimizer step: ``HookStage.WEIGHTS`` (refactorization, merges) before
+   ``HookStage.OPTIMIZER_STATE`` (momentum reset); within a stage, in list order.
+6. LR factors multiply the trainer's schedule (order-free).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from registry.config import parse_config
+from registry.errors import CompositionError, ConfigError
+from registry.method import Capability, Method, OptimizerHyper, ParamSpec, StepContext
+from registry.targets import probe_overlap
+
+DEFAULT_OPTIMIZER = "adamw"
+
+
+@dataclasses.dataclass
+class Composition:
+    """A validated, ordered set of configured methods. Build it with ``compose``."""
+
+    methods: list[Method]
+
+    # -- introspection --------------------------------------------------------------------------
+    @property
+    def method_names(self) -> list[str]:
+        return [m.name for m in self.methods]
+
+    def with_capability(self, cap: Capability) -> list[Method]:
+        return [m for m in self.methods if cap in m.provides]
+
+    @property
+    def has_parametrization(self) -> bool:
+        return bool(self.with_capability(Capability.PARAMETRIZATION))
+
+    @property
+    def optimizer_method(self) -> Method:
+        return self.with_capability(Capability.OPTIMIZER)[0]
+
+    def method(self, name: str) -> Method:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def describe(self) -> str:
+        lines = ["slimtrain composition (applied in this order):"]
+        for m in self.methods:
+            caps = ", ".join(sorted(c.value for c in m.provides))
+            lines.append(f"  {m.name} [{caps}] {m.config}")
+        return "\n".join(lines)
+
+    # -- model-time application ---------------------------------------------------------------
+    def apply_parametrizations(self, model) -> list[str]:
+        """Parametrize the targeted Linear weights of ``model`` (meta device, before sharding)."""
+        from registry.parametrization import attach, parametrization_of
+        from registry.targets import select_linears
+
+        done: dict[str, str] = {}
+        for m in self.with_capability(Capability.PARAMETRIZATION):
+            for fqn, linear in select_linears(model, m.target_patterns(), owner=m.name):
+                if fqn in done or parametrization_of(linear) is not None:
+                    raise CompositionError(
+                        f"two parametrizations of the same weight: {fqn}.weight is targeted by "
+                        f"{done.get(fqn, '?')!r} and {m.name!r}; narrow their `targets`"
+                    )
+                attach(linear, m.make_parametrization(linear, fqn))
+                done[fqn] = m.name
+        return list(done)
+
+    def capture_init(self, model=None):
+        """Context manager around the model's own ``init_weights`` (see parametrization.capture_init)."""
+        from registry.parametrization import capture_init
+
+        return capture_init()
+
+    def init_parametrized(self, model) -> None:
+        """Initialize every parametrization's originals in place, after the model's own init."""
+        import torch
+
+        from registry.parametrization import iter_parametrized, originals
+
+        with torch.no_grad():
+            for fqn, linear, p in iter_parametrized(model):
+                p.initialize(originals(linear), fqn)
+
+    def param_specs(self, model) -> list[tuple[ParamSpec, Any]]:
+        """(spec, parameter) for every parameter of ``model``, with roles and owning methods."""
+        from registry.parametrization import parametrization_of, role_of
+
+        marker = ".parametrizations.weight.original"
+        out = []
+        for name, param in model.named_parameters():
+            if marker in name:
+                module_name, local = name.split(".parametrizations.", 1)
+                local = "parametrizations." + local
+            else:
+                module_name, _, local = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            p = parametrization_of(module)
+            method = p.method if (p is not None and marker in name) else None
+            out.append((_spec(module_name, local, param, module, method, role_of(local, module)), param))
+        return out
+
+    def param_groups(self, model) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by the options the PARAM_GROUPS methods give them."""
+        groups: dict[tuple, dict[str, Any]] = {}
+        contributors = self.with_capability(Capability.PARAM_GROUPS)
+        for spec, param in self.param_specs(model):
+            if not param.requires_grad:
+                continue
+            options: dict[str, Any] = {}
+            for m in contributors:
+                for key, value in (m.param_group_options(spec) or {}).items():
+                    if key in options and options[key] != value:
+                        raise CompositionError(
+                            f"{spec.name}: param-group option {key!r} set to {options[key]!r} and "
+                            f"{value!r} by different methods"
+                        )
+                    options[key] = value
+            key = tuple(sorted(options.items()))
+            group = groups.setdefault(key, {"params": [], **options})
+            group["params"].append(param)
+        return list(groups.values())
+
+    def build_optimizer(self, param_groups: list[dict[str, Any]], hyper: OptimizerHyper):
+        return self.optimizer_method.build_optimizer(param_groups, hyper)
+
+    def step_hooks(self) -> list[Method]:
+        hooks = self.with_capability(Capability.STEP_HOOK)
+        return sorted(hooks, key=lambda m: (int(m.hook_stage), self.methods.index(m)))
+
+    def after_step(self, ctx: StepContext) -> None:
+        for m in self.step_hooks():
+            m.after_step(ctx)
+
+    def lr_factor(self, step: int) -> float:
+        factor = 1.0
+        for m in self.with_capability(Capability.LR_SCHEDULE):
+            factor *= m.lr_factor(step)
+        return factor
+
+    def estimate_memory(self, weights, **kwargs):
+        """Analytic memory of weights and optimizer state; see ``registry.memory``."""
+        from registry.memory import estimate_memory
+
+        return estimate_memory(self, weights, **kwargs)
+
+
+def _spec(module_name: str, local: str, param, module, method, role: str | None = None) -> ParamSpec:
+    from torch import nn
+
+    name = f"{module_name}.{local}" if module_name else local
+    return ParamSpec(
+        name=name,
+        module=module_name,
+        role=role or local.rsplit(".", 1)[-1],
+        shape=tuple(param.shape),
+        trainable=param.requires_grad,
+        method=method,
+        is_linear=isinstance(module, nn.Linear),
+    )
+
+
+def compose(
+    method_names: Sequence[str],
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    available: Mapping[str, Any] | None = None,
+) -> Composition:
+    """Validate and build a composition. ``sections`` maps method name -> raw config values.
+
+    ``available`` (name -> MethodInfo or Method class) defaults to every installed method.
+    """
+    if available is None:
+        from registry.manager import get_methods
+
+        available = get_methods()
+    classes = {name: getattr(info, "cls", info) for name, info in available.items()}
+    sections = dict(sections or {})
+    names = [str(n).strip() for n in method_names if str(n).strip()]
+
+    seen: set[str] = set()
+    for name in names:
+        if name not in classes:
+            raise CompositionError(
+                f"unknown method {name!r}; installed methods: {', '.join(sorted(classes)) or '(none)'}"
+            )
+        if name in seen:
+            raise CompositionError(f"method {name!r} is listed twice in methods")
+        seen.add(name)
+    stray = sorted(set(sections) - set(names) - set(classes))
+    if stray:
+        raise ConfigError(f"config section(s) {', '.join(stray)} name no installed method")
+
+    if not any(Capability.OPTIMIZER in classes[n].provides for n in names):
+        if DEFAULT_OPTIMIZER not in classes:
+            raise CompositionError(f"no optimizer method listed and the default {DEFAULT_OPTIMIZER!r} is not installed")
+        names.append(DEFAULT_OPTIMIZER)
+
+    methods = [classes[n](parse_config(classes[n].Config, sections.get(n), n)) for n in names]
+    _check_conflicts(methods)
+    _check_requirements(methods, classes)
+    return Composition(methods)
+
+
+def _check_conflicts(methods: list[Method]) -> None:
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            if b.name in a.conflicts_with or a.name in b.conflicts_with:
+                raise CompositionError(f"{a.name!r} conflicts with {b.name!r}: use one of them")
+            for cap, what in (
+                (Capability.PARAMETRIZATION, "two parametrizations of the same weight"),
+                (Capability.OPTIMIZER, "two optimizer wrappers on the same parameters"),
+            ):
+                if cap in a.provides and cap in b.provides:
+                    shared = probe_overlap(a.target_patterns(), b.target_patterns())
+                    if cap is Capability.OPTIMIZER:
+                        shared = shared if set(a.target_roles()) & set(b.target_roles()) else []
+                    if shared:
+                        raise CompositionError(
+                            f"{what}: {a.name!r} and {b.name!r} both target "
+                            f"{', '.join(s.rsplit('.', 1)[-1] for s in shared)}; "
+                            f"keep one or make their `targets` disjoint"
+                        )
+
+
+def _check_requirements(methods: list[Method], classes: Mapping[str, type[Method]]) -> None:
+    for m in methods:
+        for req in m.requires:
+            if not any(req.capability in other.provides for other in methods if other is not m):
+                providers = sorted(n for n, c in classes.items() if req.capability in c.provides)
+                raise CompositionError(
+                    f"{m.name!r} requires {req.why}; add one of: {', '.join(providers) or '(none installed)'} "
+                    f"to methods"
+                )

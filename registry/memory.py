@@ -1,0 +1,93 @@
+"""Analytic memory of a composition: weights, optimizer state and extra buffers.
+
+The model is the benchmark paper's: every weight and every optimizer-state element costs
+``bytes_per_element`` (2 for bf16), frozen weights included; extra buffers such as SLTrain's int64
+support index are counted separately. Each parametrizing method says which parameters replace a
+dense weight (``param_specs``) and what buffers it adds (``extra_bytes``); the optimizer method
+says how much state it keeps per parameter (``state_elements``). The same hooks serve the
+``slimtrain memory`` table and the tests that check them against real (meta-device) models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from registry.method import Capability, ParamSpec
+from registry.targets import matches_any
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    weight_params: int  # every parameter, frozen ones included
+    trainable_params: int
+    optimizer_state_elements: int
+    extra_bytes: int
+    bytes_per_element: int = 2
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.weight_params * self.bytes_per_element
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return self.optimizer_state_elements * self.bytes_per_element
+
+    @property
+    def total_bytes(self) -> int:
+        """Weights plus optimizer state (the paper's figure), without extra buffers."""
+        return self.weights_bytes + self.optimizer_bytes
+
+
+def transformed_specs(composition, dense: Iterable[ParamSpec]) -> tuple[list[ParamSpec], int]:
+    """Replace each targeted dense Linear weight by its method's parameters; also sum extra bytes."""
+    parametrizers = composition.with_capability(Capability.PARAMETRIZATION)
+    out: list[ParamSpec] = []
+    extra = 0
+    for spec in dense:
+        owner = None
+        if spec.is_linear and spec.role == "weight" and len(spec.shape) == 2:
+            owner = next((m for m in parametrizers if matches_any(spec.module, m.target_patterns())), None)
+        if owner is None:
+            out.append(spec)
+            continue
+        shape = (spec.shape[0], spec.shape[1])
+        out.extend(owner.param_specs(spec.module, shape))
+        extra += owner.extra_bytes(spec.module, shape)
+    return out, extra
+
+
+def estimate_memory(composition, dense: Iterable[ParamSpec], *, bytes_per_element: int = 2) -> MemoryEstimate:
+    specs, extra = transformed_specs(composition, dense)
+    optimizer = composition.optimizer_method
+    return MemoryEstimate(
+        weight_params=sum(s.numel for s in specs),
+        trainable_params=sum(s.numel for s in specs if s.trainable),
+        optimizer_state_elements=sum(optimizer.state_elements(s) for s in specs if s.trainable),
+        extra_bytes=extra,
+        bytes_per_element=bytes_per_element,
+    )
+
+
+def llama_dense_specs(dim: int, ffn: int, layers: int, vocab: int, heads: int, kv_heads: int | None = None) -> list[ParamSpec]:
+    """Parameters of a dense LLaMA decoder, named as torchtitan names them (no torchtitan needed)."""
+    kv_dim = dim // heads * (kv_heads or heads)
+    specs = [ParamSpec("tok_embeddings.weight", "tok_embeddings", "weight", (vocab, dim))]
+    for i in range(layers):
+        p = f"layers.{i}"
+        for name, shape, block in (
+            ("wq", (dim, dim), "attention"),
+            ("wk", (kv_dim, dim), "attention"),
+            ("wv", (kv_dim, dim), "attention"),
+            ("wo", (dim, dim), "attention"),
+            ("w1", (ffn, dim), "feed_forward"),
+            ("w2", (dim, ffn), "feed_forward"),
+            ("w3", (ffn, dim), "feed_forward"),
+        ):
+            module = f"{p}.{block}.{name}"
+            specs.append(ParamSpec(f"{module}.weight", module, "weight", shape, is_linear=True))
+        for norm in ("attention_norm", "ffn_norm"):
+            specs.append(ParamSpec(f"{p}.{norm}.weight", f"{p}.{norm}", "weight", (dim,)))
+    specs.append(ParamSpec("norm.weight", "norm", "weight", (dim,)))
+    specs.append(ParamSpec("output.weight", "output", "weight", (vocab, dim), is_linear=True))
+    return specs

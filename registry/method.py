@@ -1,0 +1,177 @@
+"""The method data model: what a method is, what it can provide, and what it needs.
+
+A method is a ``Method`` subclass with a ``name``, a ``Config`` dataclass and a set of
+``Capability`` flags saying which of the optional hooks below it implements. The composition
+(``registry.composition``) only calls the hooks a method declares, in a fixed, documented order.
+
+All hooks work on plain ``torch.nn`` modules and tensors (DTensors under FSDP2); nothing here knows
+torchtitan, so methods can be unit-tested on small models and reused by other trainers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from registry.config import EmptyConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from registry.parametrization import LinearParametrization
+
+
+class Capability(str, enum.Enum):
+    """What a method contributes. A method declares every capability whose hooks it implements."""
+
+    PARAMETRIZATION = "parametrization"  # replaces selected Linear weights (make_parametrization)
+    FACTORIZED = "factorized"  # ... by factors B (m x r), A (r x n) and a scale (refactorization needs it)
+    FROZEN_BASE = "frozen_base"  # ... keeping a frozen dense base W0 that factors can merge into
+    OPTIMIZER = "optimizer"  # builds the optimizer (build_optimizer); at most one per parameter
+    PARAM_GROUPS = "param_groups"  # adds options to the param groups of selected params
+    STEP_HOOK = "step_hook"  # acts after optimizer steps (after_step), e.g. every N steps
+    LR_SCHEDULE = "lr_schedule"  # multiplies the scheduled learning rate (lr_factor)
+    MEMORY_ESTIMATE = "memory_estimate"  # its parameters/optimizer state enter the analytic estimate
+
+
+class HookStage(enum.IntEnum):
+    """Order of step hooks within one step: weights are rewritten before optimizer state is reset,
+    so a reset that follows a merge or refactorization sees the new factors."""
+
+    WEIGHTS = 10
+    OPTIMIZER_STATE = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """A capability that some *other* method in the composition must provide."""
+
+    capability: Capability
+    why: str  # completes "refactorization requires ...": e.g. "a factorized parametrization"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter as the composition sees it, on a real model or from shapes alone.
+
+    ``module`` is the fully qualified name of the owning module, ``role`` is ``"weight"``/``"bias"``
+    for plain parameters or the role a parametrization gives its originals (``"B"``, ``"A"``,
+    ``"S"``, ``"W0"``); ``method`` names the parametrizing method, if any. ``shape`` is the global
+    (unsharded) shape.
+    """
+
+    name: str
+    module: str
+    role: str
+    shape: tuple[int, ...]
+    trainable: bool = True
+    method: str | None = None
+    is_linear: bool = False  # owned by an nn.Linear (or a parametrized one)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerHyper:
+    """The trainer's optimizer settings that every optimizer method honours."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    implementation: str = "foreach"  # "foreach", "fused" or "for-loop"
+
+
+@dataclasses.dataclass
+class StepContext:
+    """Handed to step hooks after each optimizer step; ``step`` is the true 1-based step number,
+    also after a resume, so "every N steps" schedules survive checkpoints without their own state."""
+
+    step: int
+    model_parts: list[Any]
+    optimizers: list[Any]
+
+
+class Method:
+    """Base class of every method. Subclasses set the class attributes and implement the hooks of
+    the capabilities they declare; the base implementations raise so a missing hook is loud."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type] = EmptyConfig
+    provides: ClassVar[frozenset[Capability]] = frozenset()
+    requires: ClassVar[tuple[Requirement, ...]] = ()
+    conflicts_with: ClassVar[frozenset[str]] = frozenset()
+    hook_stage: ClassVar[HookStage] = HookStage.WEIGHTS
+
+    def __init__(self, config: Any | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    # -- selection, shared by parametrizations, param groups and optimizers -------------------
+    def target_patterns(self) -> tuple[str, ...]:
+        """Module-name patterns this method acts on (``config.targets`` by convention)."""
+        return tuple(getattr(self.config, "targets", ()))
+
+    def target_roles(self) -> tuple[str, ...]:
+        """Which parameter roles of a targeted module this method acts on (optimizer methods)."""
+        return tuple(getattr(self.config, "roles", ("weight",)))
+
+    def selects(self, spec: ParamSpec) -> bool:
+        """Whether an optimizer/param-group hook of this method applies to ``spec``."""
+        from registry.targets import matches_any
+
+        return (
+            spec.trainable
+            and spec.is_linear
+            and len(spec.shape) == 2
+            and spec.role in self.target_roles()
+            and matches_any(spec.module, self.target_patterns())
+        )
+
+    # -- PARAMETRIZATION ----------------------------------------------------------------------
+    def make_parametrization(self, linear: nn.Linear, fqn: str) -> LinearParametrization:
+        """Return the parametrization for ``linear.weight`` (called on the meta device, before
+        sharding). Validate shapes here and raise ConfigError naming ``fqn`` and its shape."""
+        raise NotImplementedError(f"{self.name} declares no parametrization")
+
+    def param_specs(self, module: str, shape: tuple[int, int]) -> list[ParamSpec]:
+        """The parameters that replace a dense ``shape`` weight of ``module`` (memory estimate)."""
+        raise NotImplementedError(f"{self.name} declares no parametrization")
+
+    def extra_bytes(self, module: str, shape: tuple[int, int]) -> int:
+        """Bytes of non-parameter state (buffers such as sparse indices) for one targeted weight."""
+        return 0
+
+    # -- OPTIMIZER ----------------------------------------------------------------------------
+    def build_optimizer(self, param_groups: list[dict], hyper: OptimizerHyper) -> torch.optim.Optimizer:
+        """Build one optimizer over ``param_groups`` (which may carry other methods' options)."""
+        raise NotImplementedError(f"{self.name} declares no optimizer")
+
+    def state_elements(self, spec: ParamSpec) -> int:
+        """Optimizer-state elements this optimizer keeps for ``spec`` (memory estimate)."""
+        return 2 * spec.numel if spec.trainable else 0
+
+    # -- PARAM_GROUPS -------------------------------------------------------------------------
+    def param_group_options(self, spec: ParamSpec) -> dict[str, Any] | None:
+        """Options (scalars/strings only: they are checkpointed) for the group holding ``spec``."""
+        return None
+
+    # -- STEP_HOOK ----------------------------------------------------------------------------
+    def after_step(self, ctx: StepContext) -> None:
+        """Act after the optimizer step ``ctx.step`` (e.g. ``if ctx.step % every == 0``)."""
+        raise NotImplementedError(f"{self.name} declares no step hook")
+
+    # -- LR_SCHEDULE --------------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """Factor applied to the scheduled LR at ``step`` (1.0: unchanged)."""
+        return 1.0

@@ -1,0 +1,130 @@
+"""Shared machinery for methods that reparametrize Linear weights with torch.nn.utils.parametrize.
+
+A method returns a ``LinearParametrization`` for each targeted Linear; ``attach`` registers it on
+``weight`` (originals named ``original0..k`` in the order of ``roles``) and, when the
+parametrization can compute the layer without materializing W (``x A^T B^T`` for low-rank), routes
+the Linear's forward through ``linear_forward``. ``linear.weight`` still returns the dense W, so
+anything that reads the weight (exports, norms) keeps working.
+
+Why parametrize rather than swapping in a custom Linear class: parameter names stay under the
+original module, so torchtitan's FSDP2 wrapping, per-block compile and checkpoints need no changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+_capture = threading.local()
+
+
+@contextlib.contextmanager
+def capture_init() -> Iterator[None]:
+    """While active, parametrizations with a dense base return that base tensor itself from
+    ``forward``, so the model's own ``init_weights`` writes into it (instead of into a temporary
+    that parametrize would throw away). Used to give LoRA's W0 the model's own initialization."""
+    previous = getattr(_capture, "active", False)
+    _capture.active = True
+    try:
+        yield
+    finally:
+        _capture.active = previous
+
+
+def capturing_init() -> bool:
+    return getattr(_capture, "active", False)
+
+
+class LinearParametrization(nn.Module):
+    """Base class: a parametrization of an ``out x in`` Linear weight by the originals in ``roles``.
+
+    Subclasses implement ``forward(*originals) -> W``, ``right_inverse(W) -> tuple`` (also called
+    on the meta device: return correctly shaped tensors there), ``initialize(originals, fqn)`` and
+    optionally ``linear_forward``.
+    """
+
+    roles: ClassVar[tuple[str, ...]] = ()
+    frozen_roles: ClassVar[frozenset[str]] = frozenset()  # originals that do not train (LoRA's W0)
+
+    def __init__(self, method: str, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.method = method
+        self.out_features = out_features
+        self.in_features = in_features
+
+    def initialize(self, originals: dict[str, torch.Tensor], fqn: str) -> None:
+        """Initialize originals in place after the model's own init (they may be DTensors)."""
+        raise NotImplementedError
+
+    def linear_forward(self, x: torch.Tensor, originals: list[torch.Tensor], bias: torch.Tensor | None):
+        """The layer's output; the default materializes W. Override when factors are cheaper."""
+        return nn.functional.linear(x, self(*originals), bias)
+
+
+class FactorizedParametrization(LinearParametrization):
+    """A parametrization whose weight contains ``scale * B @ A`` (roles include "B" and "A")."""
+
+    scale: float = 1.0
+
+
+def _parametrized_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    plist = self.parametrizations["weight"]
+    p: LinearParametrization = plist[0]
+    originals = [getattr(plist, f"original{i}") for i in range(len(p.roles))]
+    return p.linear_forward(x, originals, self.bias)
+
+
+def attach(linear: nn.Linear, p: LinearParametrization) -> None:
+    """Register ``p`` on ``linear.weight`` and route the layer's forward through it."""
+    if parametrize.is_parametrized(linear, "weight"):
+        owner = parametrization_of(linear)
+        raise ValueError(
+            f"weight already parametrized by {getattr(owner, 'method', type(owner).__name__)!r}; "
+            f"one parametrization per weight"
+        )
+    parametrize.register_parametrization(linear, "weight", p, unsafe=True)
+    plist = linear.parametrizations["weight"]
+    for i, role in enumerate(p.roles):
+        original = getattr(plist, f"original{i}")
+        if role in p.frozen_roles:
+            original.requires_grad_(False)
+    # register_parametrization gave this module its own subclass, so this touches no other Linear.
+    type(linear).forward = _parametrized_linear_forward
+
+
+def parametrization_of(linear: nn.Module) -> LinearParametrization | None:
+    if not parametrize.is_parametrized(linear, "weight"):
+        return None
+    p = linear.parametrizations["weight"][0]
+    return p if isinstance(p, LinearParametrization) else None
+
+
+def originals(linear: nn.Module) -> dict[str, torch.Tensor]:
+    """Role -> original parameter of a parametrized Linear."""
+    p = parametrization_of(linear)
+    if p is None:
+        return {}
+    plist = linear.parametrizations["weight"]
+    return {role: getattr(plist, f"original{i}") for i, role in enumerate(p.roles)}
+
+
+def iter_parametrized(model: nn.Module, method: str | None = None) -> Iterator[tuple[str, nn.Module, Any]]:
+    """(fqn, linear, parametrization) for every slimtrain-parametrized Linear, optionally of one method."""
+    for fqn, module in model.named_modules():
+        p = parametrization_of(module)
+        if p is not None and (method is None or p.method == method):
+            yield fqn, module, p
+
+
+def role_of(param_name: str, module: nn.Module) -> str:
+    """The role of a parameter given its local name inside its owning Linear."""
+    p = parametrization_of(module)
+    if p is not None and param_name.startswith("parametrizations.weight.original"):
+        return p.roles[int(param_name.rsplit("original", 1)[1])]
+    return param_name.rsplit(".", 1)[-1]
