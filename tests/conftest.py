@@ -1,0 +1,35 @@
+"""Shared test setup: hypothesis profiles and a clean plugin manager per test.
+
+Profiles: ``ci`` (default; few examples, no deadline, so the suite stays fast on 2 cores) and
+``thorough`` (many examples). Pick one with ``HYPOTHESIS_PROFILE=thorough``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.register_profile(
+    "thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A plugin manager rebuilt for this test and forgotten after it (env changes stay local)."""
+    from registry import manager
+
+    manager.reset()
+    yield manager
+    manager.reset()
