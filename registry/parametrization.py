@@ -128,3 +128,21 @@ def role_of(param_name: str, module: nn.Module) -> str:
     if p is not None and param_name.startswith("parametrizations.weight.original"):
         return p.roles[int(param_name.rsplit("original", 1)[1])]
     return param_name.rsplit(".", 1)[-1]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. a config seed and a weight's fqn) that is the
+    same in every process, rank and resume (unlike ``hash``, which is salted per process)."""
+    import hashlib
+
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded with ``stable_seed(*parts)``: draw whole (unsharded) tensors with it
+    on the CPU and write them with ``registry.tensors.write_full_`` to get the same values on any
+    number of ranks."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(stable_seed(*parts))
+    return g
