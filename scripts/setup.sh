@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install slimtrain with its test extra. Idempotent: a second run
+# installs nothing new. torch is installed first and pinned, because a bare "torch" requirement
+# pulls a multi-GB CUDA build: without a GPU we take the CPU build 2.13.0; with one, set
+# SLIMTRAIN_TORCH (e.g. "torch==2.11.0") or preinstall the CUDA build you want.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+VPIP=(.venv/bin/python -m pip --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  torch_req=${SLIMTRAIN_TORCH:-torch==2.13.0}
+  echo "[setup] installing $torch_req"
+  "${VPIP[@]}" install -q "$torch_req"
+fi
+if ! .venv/bin/python -c "import registry, pytest, hypothesis, torchtitan, setuptools" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.slimtrain-installed ]; then
+  echo "[setup] installing slimtrain (editable) with its test extra"
+  "${VPIP[@]}" install -q setuptools wheel
+  "${VPIP[@]}" install -q -e '.[test]'
+  touch .venv/.slimtrain-installed
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, torchtitan; print("torch", torch.__version__, "torchtitan", getattr(torchtitan, "__version__", "0.2.2"))')"
