@@ -1,0 +1,100 @@
+"""The ``slimtrain`` torchtitan model converter: validates the composition and parametrizes the model.
+
+Why a converter: torchtitan calls ``convert(model)`` on the meta-device model right after building
+it and BEFORE parallelize (TP, activation checkpointing, per-block compile, fully_shard). That is
+the only place where ``register_parametrization`` works (after fully_shard it fails), and the only
+time structure may change (the checkpointer caches the state-dict keys once, later).
+
+- ``__init__`` builds the composition from the job config: unknown methods, bad values and invalid
+  combinations fail here with the registry's message, before any model exists; so does tensor or
+  pipeline parallelism with a parametrizing method (TP cannot shard parametrized Linears; PP
+  splits the model into parts this integration does not wrap).
+- ``convert`` applies the parametrizations and wraps the model instance's ``init_weights``: the
+  model's own init runs inside ``composition.capture_init`` (so LoRA keeps it as its frozen W0),
+  then ``composition.init_parametrized`` initializes the factors. That order matters because
+  ``init_weights`` writes ``linear.weight`` with trunc_normal_, which under a parametrization goes
+  to a temporary and is silently lost; the factors must be initialized afterwards, in place (they
+  are sharded DTensors by then).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from titan_integration import cpu_shim
+
+cpu_shim.apply()
+
+import torch.nn as nn  # noqa: E402
+from registry import Capability, CompositionError  # noqa: E402
+from torchtitan.protocols.model_converter import (  # noqa: E402
+    _registry_model_converter_cls,
+    register_model_converter,
+)
+
+from titan_integration import context  # noqa: E402
+
+log = logging.getLogger("slimtrain")
+
+CONVERTER_NAME = "slimtrain"
+
+
+class SlimtrainConverter:
+    """torchtitan ModelConverter; see the module docstring."""
+
+    def __init__(self, job_config, parallel_dims) -> None:
+        self.job_config = job_config
+        self.composition = context.composition_for(job_config)
+        if self.composition.has_parametrization:
+            unsupported = []
+            if parallel_dims.tp_enabled:
+                unsupported.append(f"tensor parallelism (tensor_parallel_degree={parallel_dims.tp})")
+            if parallel_dims.pp_enabled:
+                unsupported.append(f"pipeline parallelism (pipeline_parallel_degree={parallel_dims.pp})")
+            if unsupported:
+                parametrizing = [m.name for m in self.composition.with_capability(Capability.PARAMETRIZATION)]
+                raise CompositionError(
+                    f"{' and '.join(unsupported)} is not supported with a weight-parametrizing method "
+                    f"({', '.join(parametrizing)}) yet: use data parallelism (FSDP2/HSDP) only, i.e. "
+                    f"--parallelism.tensor_parallel_degree 1 --parallelism.pipeline_parallel_degree 1"
+                )
+        log.info("%s", self.composition.describe())
+
+    def convert(self, model: nn.Module) -> None:
+        comp = self.composition
+        fqns = comp.apply_parametrizations(model)
+        context.current().parametrized = list(fqns)
+        if fqns:
+            log.info("slimtrain: parametrized %d Linear weights (e.g. %s)", len(fqns), fqns[0])
+            _wrap_init_weights(model, comp)
+
+    def post_optimizer_hook(self, model) -> None:
+        # Step hooks need the true step number, which this hook is not given: they run from the
+        # optimizer container (titan_integration.optimizer) instead.
+        return None
+
+
+def _wrap_init_weights(model: nn.Module, comp) -> None:
+    original = model.init_weights
+    if getattr(original, "_slimtrain_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def init_weights(*args, **kwargs):
+        with comp.capture_init(model):
+            original(*args, **kwargs)
+        comp.init_parametrized(model)
+
+    init_weights._slimtrain_wrapped = True  # type: ignore[attr-defined]
+    # an instance attribute: only this model instance changes, not torchtitan's Transformer class
+    object.__setattr__(model, "init_weights", init_weights)
+
+
+def register() -> None:
+    """Register the converter with torchtitan (idempotent: torchtitan asserts on a second one)."""
+    if _registry_model_converter_cls.get(CONVERTER_NAME) is SlimtrainConverter:
+        return
+    if CONVERTER_NAME in _registry_model_converter_cls:
+        raise RuntimeError(f"another model converter is already registered as {CONVERTER_NAME!r}")
+    register_model_converter(SlimtrainConverter, CONVERTER_NAME)

@@ -1,0 +1,96 @@
+"""Model flavors: the LLaMA sizes of the GaLore/SLTrain/Fira papers, plus ``tiny`` for CPU runs.
+
+Why plain ``TransformerModelArgs`` and no subclass: torchtitan's llama3 ``FeedForward`` derives its
+hidden size as ``multiple_of * ceil(int(ffn_dim_multiplier * int(8 * dim / 3)) / multiple_of)``.
+For every paper size a ``multiple_of`` exists that lands exactly on the paper's FFN width (1376,
+2048, 2736, 5461, 11008), so the stock model class (and its parallelize/pipelining/state-dict
+code) is used unchanged. ``ffn_hidden_dim`` recomputes the width with torchtitan's formula, and
+``check_flavors`` asserts it against the paper's table at import, so a torchtitan change that moved
+the formula would fail loudly instead of training a different model.
+
+Paper table (shared/reference/methods.md): hidden, FFN, layers, heads; vocab 32000 (T5 tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from titan_integration import cpu_shim
+
+cpu_shim.apply()
+
+from torchtitan.models.llama3 import TransformerModelArgs  # noqa: E402
+
+PAPER_VOCAB = 32000
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperShape:
+    dim: int
+    ffn: int
+    n_layers: int
+    n_heads: int
+    multiple_of: int  # chosen so torchtitan's FFN formula yields ``ffn`` exactly
+    rank: int  # the papers' factorization rank at this size (documentation; recipes set it)
+
+
+PAPER_SHAPES: dict[str, PaperShape] = {
+    "60m": PaperShape(dim=512, ffn=1376, n_layers=8, n_heads=8, multiple_of=32, rank=128),
+    "130m": PaperShape(dim=768, ffn=2048, n_layers=12, n_heads=12, multiple_of=256, rank=256),
+    "350m": PaperShape(dim=1024, ffn=2736, n_layers=24, n_heads=16, multiple_of=16, rank=256),
+    "1b": PaperShape(dim=2048, ffn=5461, n_layers=24, n_heads=32, multiple_of=1, rank=512),
+    "7b": PaperShape(dim=4096, ffn=11008, n_layers=32, n_heads=32, multiple_of=256, rank=1024),
+}
+
+# ``tiny``: for CPU runs and tests. Its vocab fits the small tokenizer of the embedded corpus
+# (a tokenizer larger than the flavor's vocab is refused before training; see trainer.py).
+TINY_VOCAB = 4096
+TINY = PaperShape(dim=64, ffn=176, n_layers=2, n_heads=4, multiple_of=16, rank=16)
+# an even smaller one for fast unit/integration tests of the plumbing
+NANO = PaperShape(dim=32, ffn=96, n_layers=2, n_heads=2, multiple_of=16, rank=8)
+
+
+def ffn_hidden_dim(args: TransformerModelArgs) -> int:
+    """The SwiGLU hidden width torchtitan's llama3 FeedForward builds for ``args``."""
+    hidden = int(2 * (4 * args.dim) / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    m = args.multiple_of
+    return m * ((hidden + m - 1) // m)
+
+
+def _args(shape: PaperShape, vocab_size: int) -> TransformerModelArgs:
+    return TransformerModelArgs(
+        dim=shape.dim,
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        n_kv_heads=None,  # the papers use plain multi-head attention
+        vocab_size=vocab_size,
+        multiple_of=shape.multiple_of,
+        ffn_dim_multiplier=None,
+        rope_theta=10000,
+        max_seq_len=256,  # overwritten from training.seq_len by update_from_config
+    )
+
+
+def build_flavors() -> dict[str, TransformerModelArgs]:
+    flavors = {name: _args(shape, PAPER_VOCAB) for name, shape in PAPER_SHAPES.items()}
+    flavors["tiny"] = _args(TINY, TINY_VOCAB)
+    flavors["nano"] = _args(NANO, TINY_VOCAB)
+    return flavors
+
+
+def expected_ffn(name: str) -> int:
+    return {**PAPER_SHAPES, "tiny": TINY, "nano": NANO}[name].ffn
+
+
+def check_flavors(flavors: dict[str, TransformerModelArgs]) -> None:
+    """Assert every flavor's FFN width is the paper's (see module docstring)."""
+    for name, args in flavors.items():
+        got, want = ffn_hidden_dim(args), expected_ffn(name)
+        if got != want:
+            raise AssertionError(f"flavor {name}: torchtitan would build FFN {got}, paper says {want}")
+
+
+FLAVORS = build_flavors()
+check_flavors(FLAVORS)

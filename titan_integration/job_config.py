@@ -1,0 +1,112 @@
+"""torchtitan ``[job] custom_config_module``: the ``[slimtrain]`` section plus one section per method.
+
+torchtitan merges this module's ``JobConfig`` dataclass into its own, so every field here becomes a
+TOML key and a ``--section.key`` CLI flag (CLI > TOML > defaults), with torchtitan's own checks:
+an unknown TOML key raises ValueError, an unknown CLI flag exits with status 2.
+
+The per-method sections are generated from the registry: each installed method's ``Config``
+dataclass is mirrored field by field (same names, types, defaults), so a newly installed plugin
+gets its ``[name]`` section and ``--name.key`` flags with no change here. The values are not
+validated here: ``registry.compose`` parses them with the method's own ``Config`` (types, ranges)
+when the converter is built, i.e. before any model exists, and its ConfigError is what the user
+sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import field, make_dataclass
+from typing import Any
+
+# Sections torchtitan already owns; a method with one of these names would silently merge into them.
+_RESERVED = {
+    "job", "profiling", "metrics", "model", "optimizer", "lr_scheduler", "training", "parallelism",
+    "checkpoint", "activation_checkpoint", "compile", "quantize", "comm", "memory_estimation",
+    "fault_tolerance", "experimental", "validation", "debug", "slimtrain",
+}
+
+
+@dataclasses.dataclass
+class Slimtrain:
+    """The ``[slimtrain]`` section."""
+
+    methods: list[str] = field(default_factory=list)
+    """Methods to compose, in order (e.g. ["sltrain", "refactorization", "momentum_reset"]).
+    Empty: full-rank AdamW. On the CLI: --slimtrain.methods sltrain,refactorization"""
+
+    warmup_fraction: float = -1.0
+    """If >= 0, lr_scheduler.warmup_steps is set to round(warmup_fraction * training.steps), so
+    the papers' "10% warmup" follows --training.steps overrides. Negative: use warmup_steps."""
+
+    data_dir: str = ""
+    """Where the embedded default corpus and tokenizer live (prepared on first run). Empty: the
+    corpus package's default location."""
+
+    memory_report: bool = True
+    """Log a memory breakdown (parameters, gradients, optimizer state, peak) once, after step 1."""
+
+
+def _field_spec(f: dataclasses.Field, annotation: Any) -> tuple[str, Any, dataclasses.Field]:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+        if isinstance(default, (list, dict, set)):
+            value = default
+            return f.name, annotation, field(default_factory=lambda v=value: type(v)(v))
+        return f.name, annotation, field(default=default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.name, annotation, field(default_factory=f.default_factory)  # type: ignore[misc]
+    raise TypeError(f"method config field {f.name!r} has no default")
+
+
+def _section_class(method_name: str, config_cls: type) -> type:
+    hints = typing.get_type_hints(config_cls)
+    specs = [_field_spec(f, hints.get(f.name, Any)) for f in dataclasses.fields(config_cls)]
+    cls_name = "".join(part.capitalize() for part in method_name.split("_")) + "Section"
+    section = make_dataclass(cls_name, specs)
+    section.__doc__ = f"[{method_name}] settings (mirrors {config_cls.__module__}.{config_cls.__qualname__})"
+    return section
+
+
+def method_sections() -> dict[str, type]:
+    """Method name -> generated section dataclass, for every installed method."""
+    from registry import get_methods
+
+    out: dict[str, type] = {}
+    for name, info in get_methods().items():
+        if not name.isidentifier():
+            raise ValueError(f"method name {name!r} cannot be a config section (not an identifier)")
+        if name in _RESERVED:
+            raise ValueError(f"method name {name!r} collides with a torchtitan config section")
+        out[name] = _section_class(name, info.cls.Config)
+    return out
+
+
+def build_job_config_class() -> type:
+    specs: list[tuple[str, Any, dataclasses.Field]] = [
+        ("slimtrain", Slimtrain, field(default_factory=Slimtrain)),
+    ]
+    for name, section in method_sections().items():
+        specs.append((name, section, field(default_factory=section)))
+    return make_dataclass("JobConfig", specs)
+
+
+def section_values(job_config: Any, method_name: str) -> dict[str, Any]:
+    """The raw values of ``[method_name]`` from a parsed job config (empty if no such section)."""
+    section = getattr(job_config, method_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        return {}
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def non_default_keys(job_config: Any, method_name: str) -> list[str]:
+    """Keys of ``[method_name]`` whose value differs from the default (to warn about settings of
+    methods that are not in ``[slimtrain] methods`` and so have no effect)."""
+    section = getattr(job_config, method_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        return []
+    default = type(section)()
+    return [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+
+
+JobConfig = build_job_config_class()

@@ -1,0 +1,101 @@
+"""slimtrain's training command: torchtitan's main with slimtrain registered.
+
+    torchrun --nproc-per-node N titan_integration/train.py --job.config_file plugins/sltrain.toml \
+        [--sltrain.rank 64 --model.flavor tiny --training.steps 200 ...]
+
+Same flags as torchtitan (CLI > TOML > defaults) plus ``[slimtrain]`` and one section per
+installed method. On a machine without a GPU the same command trains on CPU with gloo.
+
+Order matters here, which is why this file does so little itself:
+1. fix ``sys.path`` when run as a script path (``sys.path[0]`` would be this folder, whose module
+   names - data, optimizer, memory, ... - must not shadow top-level packages; the repo root
+   goes there instead, so ``titan_integration`` and ``plugins`` import from a checkout);
+2. complete the argument list (``[job] custom_config_module`` and ``[model] name`` default to
+   slimtrain's when neither the TOML nor the CLI names them) - torchtitan binds
+   ``ConfigManager.parse_args``'s default argument list when it is imported, so the final list is
+   handed to it explicitly;
+3. apply the CPU shim before torchtitan is imported (``titan_integration.cpu_shim``);
+4. load the method plugins, register the train spec and the ``slimtrain`` converter;
+5. run ``torchtitan.train.main(SlimTrainer)``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = _ROOT
+elif _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+CUSTOM_CONFIG_MODULE = "titan_integration.job_config"
+TRAIN_SPEC_NAME = "slimtrain_llama"  # == titan_integration.spec.TRAIN_SPEC_NAME (not imported yet)
+
+
+def _cli_value(argv: list[str], *keys: str) -> str | None:
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in keys:
+            if eq:
+                return value
+            return argv[i + 1] if i + 1 < len(argv) else None
+    return None
+
+
+def _toml(argv: list[str]) -> dict:
+    path = _cli_value(argv, "--job.config_file", "--job.config-file")
+    if not path:
+        return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def complete_argv(argv: list[str]) -> list[str]:
+    """Add slimtrain's defaults for what neither the TOML nor the CLI sets."""
+    argv = list(argv)
+    toml = _toml(argv)
+    job = toml.get("job", {}) if isinstance(toml.get("job"), dict) else {}
+    model = toml.get("model", {}) if isinstance(toml.get("model"), dict) else {}
+    if not (_cli_value(argv, "--job.custom_config_module", "--job.custom-config-module")
+            or job.get("custom_config_module")):
+        argv += ["--job.custom_config_module", CUSTOM_CONFIG_MODULE]
+    if not (_cli_value(argv, "--model.name") or model.get("name")):
+        argv += ["--model.name", TRAIN_SPEC_NAME]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = complete_argv(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0], *argv]
+
+    from titan_integration import cpu_shim
+
+    cpu_shim.apply()
+
+    import torchtitan.config.manager as manager
+    import torchtitan.train as titan_train
+
+    # torchtitan's main calls ConfigManager().parse_args() with its default, sys.argv[1:] as it
+    # was when torchtitan.config.manager was imported; give it the completed list.
+    manager.ConfigManager.parse_args.__defaults__ = (list(argv),)
+
+    from registry import get_methods
+
+    get_methods()  # load the method plugins (built-in and installed) before configs are parsed
+
+    from titan_integration import spec
+    from titan_integration.trainer import SlimTrainer
+
+    spec.register()
+    titan_train.main(SlimTrainer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""``SlimTrainer``: torchtitan's Trainer plus what a slimtrain run needs around the loop.
+
+Why a subclass (``torchtitan.train.main`` takes the trainer class): the training loop itself stays
+torchtitan's; this adds, in order of the run:
+
+- before anything distributed or any model: the job-config defaults slimtrain relies on
+  (the ``slimtrain`` converter in ``[model] converters``, ``warmup_fraction``, fp32 on CPU), the
+  composition (a bad recipe fails here with the registry's message), and the embedded corpus
+  (prepared on the first run; ranks wait on a file lock);
+- after the first optimizer step: a memory breakdown, measured, next to the analytic estimate;
+- at every optimizer step: a finiteness check of the step's loss across ranks BEFORE the
+  optimizer applies the update. A NaN/Inf loss stops the run with a message; no checkpoint is
+  written for that step, so the last good checkpoint is the newest one on disk;
+- a check that step hooks saw the true step number (also after a resume);
+- at the end: a final validation (unless the last step was just validated) and a summary line.
+
+Testing aid: ``SLIMTRAIN_FAULT_NAN_AT_STEP=k`` makes the loss of step k NaN (tests the stop path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from titan_integration import cpu_shim
+
+cpu_shim.apply()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torchtitan.train import Trainer  # noqa: E402
+
+from titan_integration import context, data, memory, spec  # noqa: E402
+from titan_integration.converter import CONVERTER_NAME  # noqa: E402
+from titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
+from titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
+
+log = logging.getLogger("slimtrain")
+
+FAULT_ENV = "SLIMTRAIN_FAULT_NAN_AT_STEP"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped before applying that step."""
+
+
+def prepare_job_config(job_config) -> None:
+    """Defaults slimtrain needs, applied to the parsed config before the Trainer sees it."""
+    if job_config.model.name != spec.TRAIN_SPEC_NAME:
+        raise ValueError(
+            f"[model] name = {job_config.model.name!r}: slimtrain's trainer needs "
+            f"name = {spec.TRAIN_SPEC_NAME!r} (its flavors: {', '.join(FLAVORS)})"
+        )
+    if job_config.model.flavor not in FLAVORS:
+        raise ValueError(
+            f"[model] flavor = {job_config.model.flavor!r} is unknown; flavors: {', '.join(FLAVORS)}"
+        )
+    if CONVERTER_NAME not in job_config.model.converters:
+        job_config.model.converters.append(CONVERTER_NAME)
+    frac = job_config.slimtrain.warmup_fraction
+    if frac >= 0:
+        if frac > 1:
+            raise ValueError(f"[slimtrain] warmup_fraction = {frac} must be in [0, 1]")
+        job_config.lr_scheduler.warmup_steps = int(round(frac * job_config.training.steps))
+    if cpu_shim.is_active():
+        for key in ("mixed_precision_param", "mixed_precision_reduce"):
+            if getattr(job_config.training, key, "float32") != "float32":
+                log.info("slimtrain: no GPU: training.%s = float32 (bf16 is for GPUs)", key)
+                setattr(job_config.training, key, "float32")
+        if job_config.training.dtype != "float32":
+            log.info("slimtrain: no GPU: training.dtype = float32")
+            job_config.training.dtype = "float32"
+
+
+class SlimTrainer(Trainer):
+    def __init__(self, job_config) -> None:
+        prepare_job_config(job_config)
+        # fail fast: compose (and validate every method section) before torch.distributed or a model
+        context.reset()
+        context.composition_for(job_config)
+        model_args = FLAVORS[job_config.model.flavor]
+        data.prepare_run_data(job_config, vocab_size=model_args.vocab_size)
+        self._pending_losses: list[torch.Tensor] = []
+        self._fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+        self._memory_logged = not job_config.slimtrain.memory_report
+        super().__init__(job_config)
+        self.optimizers.register_step_pre_hook(self._check_finite_before_update)
+        ffn = ffn_hidden_dim(self.model_args)
+        log.info(
+            "slimtrain: flavor %s: dim %d, FFN %d, layers %d, heads %d, vocab %d",
+            job_config.model.flavor, self.model_args.dim, ffn, self.model_args.n_layers,
+            self.model_args.n_heads, self.model_args.vocab_size,
+        )
+
+    # -- per step -------------------------------------------------------------------------------
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        loss = super().forward_backward_step(
+            input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+        )
+        if self._fault_step and self.step == self._fault_step:
+            loss = loss * float("nan")
+        self._pending_losses.append(loss.detach())
+        return loss
+
+    def _check_finite_before_update(self, optimizer, args, kwargs) -> None:
+        losses, self._pending_losses = self._pending_losses, []
+        if not losses:
+            return
+        total = torch.stack([x.reshape(()) for x in losses]).sum().float()
+        bad = (~torch.isfinite(total)).to(torch.float32).reshape(1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            folder = os.path.join(self.job_config.job.dump_folder, self.job_config.checkpoint.folder)
+            kept = (
+                f"the newest checkpoint in {folder} (if any) is from before this step and is kept"
+                if self.job_config.checkpoint.enable
+                else "checkpointing is disabled, nothing was saved"
+            )
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {self.step} (local value {total.item()}); stopping "
+                f"before the optimizer applies it; {kept}. Lower the learning rate or check the data"
+            )
+
+    def train_step(self, data_iterator):
+        super().train_step(data_iterator)
+        if isinstance(self.optimizers, SlimtrainOptimizersContainer):
+            seen = self.optimizers.last_hook_step
+            if seen != self.step:
+                raise RuntimeError(f"step hooks saw step {seen} during trainer step {self.step}")
+        if not self._memory_logged:
+            self._memory_logged = True
+            self._log_memory()
+
+    def _log_memory(self) -> None:
+        monitor = self.metrics_processor.device_memory_monitor
+        stats = monitor.get_peak_stats()
+        peak = int(stats.max_reserved_gib * 1024**3) if stats.max_reserved_gib >= 0 else -1
+        label = "process peak RSS" if cpu_shim.is_active() else "allocator peak reserved"
+        measured = memory.measure(self.model_parts, list(self.optimizers.optimizers), peak, label)
+        lines = [f"slimtrain memory after step {self.step} (this rank; sharded sizes under FSDP):"]
+        lines += ["  " + line for line in measured.lines()]
+        try:
+            from registry import llama_dense_specs
+
+            a = self.model_args
+            dense = llama_dense_specs(a.dim, ffn_hidden_dim(a), a.n_layers, a.vocab_size, a.n_heads, a.n_kv_heads)
+            est = context.current().composition.estimate_memory(dense, bytes_per_element=4)
+            lines.append(
+                f"  analytic (whole model, fp32): weights {est.weights_bytes / 2**20:.1f} MiB "
+                f"({est.trainable_params:,} of {est.weight_params:,} params trainable), "
+                f"optimizer state {est.optimizer_bytes / 2**20:.1f} MiB, extra buffers "
+                f"{est.extra_bytes / 2**20:.1f} MiB"
+            )
+        except Exception as exc:  # the estimate is informative only; never stop a run for it
+            lines.append(f"  analytic estimate unavailable: {exc}")
+        log.info("\n".join(lines))
+
+    # -- the run --------------------------------------------------------------------------------
+    def train(self):
+        try:
+            super().train()
+        except NonFiniteLossError as exc:
+            log.error("slimtrain: %s", exc)
+            raise
+        if self.job_config.validation.enable and self.step > 0:
+            validator = self.validator
+            if self.step not in getattr(validator, "validated_steps", set()):
+                validator.validate(self.model_parts, self.step)
+            last = getattr(validator, "last", None)
+            if last is not None:
+                log.info(
+                    "slimtrain: final validation at step %d: loss %.4f, perplexity %.2f",
+                    last["step"], last["loss"], last["perplexity"],
+                )
+        if self.step > 0 and not self._memory_logged:
+            self._log_memory()
