@@ -268,9 +268,9 @@ def build_text_validation_dataloader(dp_world_size: int, dp_rank: int,
     return ParallelAwareDataloader(ds, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
 
 
-# Aliases with descriptive names for TrainSpec wiring.
-build_corpus_dataloader = build_text_dataloader
-build_corpus_validation_dataloader = build_text_validation_dataloader
+# Aliases for TrainSpec wiring (titan_integration/data.py calls the short names).
+build_corpus_dataloader = build_dataloader = build_text_dataloader
+build_corpus_validation_dataloader = build_validation_dataloader = build_text_validation_dataloader
 
 
 @contextmanager
