@@ -47,12 +47,18 @@ GUTENBERG_FOOTER = (
 )
 
 
-def make_files(seed: int, n_files: int) -> dict[str, str]:
+RST_HEADER = ".. SPDX-License-Identifier: GPL-2.0\n\nA Title\n=======\n\n"
+
+
+def make_files(seed: int, n_files: int, kind: str = KIND_GUTENBERG) -> dict[str, str]:
     rng = random.Random(seed)
     files = {}
     for i in range(n_files):
         body = prose(rng, rng.randint(3, 8))
-        files[f"work_{i:03d}_gut.txt"] = GUTENBERG_HEADER + body + GUTENBERG_FOOTER
+        if kind == KIND_GUTENBERG:
+            files[f"work_{i:03d}_gut.txt"] = GUTENBERG_HEADER + body + GUTENBERG_FOOTER
+        else:
+            files[f"work_{i:03d}_gut.txt"] = RST_HEADER + body
     files["stub_gut.txt"] = "Tiny.\n"  # near-empty: dropped
     files["work_dup_gut.txt"] = files["work_000_gut.txt"]  # exact duplicate: dropped
     return files
@@ -61,7 +67,7 @@ def make_files(seed: int, n_files: int) -> dict[str, str]:
 def fake_source(name: str = "fake", seed: int = 0, n_files: int = 40, kind: str = KIND_GUTENBERG,
                 version: str = "1.0", fail: bool = False) -> Source:
     """A source whose fetch writes generated files (or raises, with ``fail``)."""
-    files = make_files(seed, n_files)
+    files = make_files(seed, n_files, kind)
 
     def fetch(workdir: Path) -> Fetched:
         if fail:
