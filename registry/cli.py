@@ -14,7 +14,7 @@ from registry.config import config_defaults, config_types
 DELEGATED = {
     "prepare-data": ("titan_integration.corpus.cli:main", "build the embedded default corpus and tokenizer"),
     "bench": ("titan_integration.bench.cli:main", "run recipes side by side and write tables and plots"),
-    "memory": ("titan_integration.memory_cli:main", "print the analytic memory table of recipes"),
+    "memory": ("titan_integration.bench.memory:main", "print the analytic memory table of recipes"),
 }
 
 

@@ -91,3 +91,17 @@ def llama_dense_specs(dim: int, ffn: int, layers: int, vocab: int, heads: int, k
     specs.append(ParamSpec("norm.weight", "norm", "weight", (dim,)))
     specs.append(ParamSpec("output.weight", "output", "weight", (vocab, dim), is_linear=True))
     return specs
+
+
+def training_flops_per_token(composition, dense: Iterable[ParamSpec], *, n_layers: int, dim: int, seq_len: int) -> float:
+    """Approximate training FLOPs per token: 6 x matmul MACs (forward + backward) plus causal
+    attention's 12 * layers * dim * seq_len (as torchtitan counts it); embeddings excluded."""
+    parametrizers = composition.with_capability(Capability.PARAMETRIZATION)
+    macs = 0
+    for spec in dense:
+        if not (spec.is_linear and spec.role == "weight" and len(spec.shape) == 2):
+            continue
+        shape = (spec.shape[0], spec.shape[1])
+        owner = next((m for m in parametrizers if matches_any(spec.module, m.target_patterns())), None)
+        macs += owner.macs_per_token(spec.module, shape) if owner else spec.numel
+    return 6.0 * macs + 12.0 * n_layers * dim * seq_len

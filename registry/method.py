@@ -148,6 +148,12 @@ class Method:
         """The parameters that replace a dense ``shape`` weight of ``module`` (memory estimate)."""
         raise NotImplementedError(f"{self.name} declares no parametrization")
 
+    def macs_per_token(self, module: str, shape: tuple[int, int]) -> int:
+        """Multiply-accumulates per token of the parametrized layer's forward (training FLOPs are
+        about 6x this). Default: one per parameter, right for layers computed from their factors;
+        a method that materializes the dense W counts m * n instead."""
+        return sum(s.numel for s in self.param_specs(module, shape))
+
     def extra_bytes(self, module: str, shape: tuple[int, int]) -> int:
         """Bytes of non-parameter state (buffers such as sparse indices) for one targeted weight."""
         return 0

@@ -1,0 +1,1 @@
+"""``slimtrain bench`` and ``slimtrain memory``: the paper's comparison, measured and analytic."""
