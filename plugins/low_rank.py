@@ -44,7 +44,7 @@ def check_rank(method: str, rank: int, fqn: str, shape: tuple[int, int]) -> None
 def balanced_svd_factors(w: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """B, A with ``scale * B @ A`` the best rank-``rank`` approximation of ``w`` (balanced:
     B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) V_r^T), contiguous, in w's dtype."""
-    u, s, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(w.detach().to(torch.promote_types(w.dtype, torch.float32)), full_matrices=False)
     root = torch.sqrt(s[:rank] / scale)
     b = (u[:, :rank] * root).to(w.dtype).contiguous()
     a = (root[:, None] * vh[:rank]).to(w.dtype).contiguous()

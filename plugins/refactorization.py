@@ -32,7 +32,8 @@ NAME = "refactorization"
 @torch.no_grad()
 def balanced_factors(b: torch.Tensor, a: torch.Tensor, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Balanced factors of the product ``b @ a`` in fp32 (None when the product is zero)."""
-    b32, a32 = b.float(), a.float()
+    work = torch.promote_types(torch.promote_types(b.dtype, a.dtype), torch.float32)  # fp32, or fp64 if given
+    b32, a32 = b.to(work), a.to(work)
     if not (b32.abs().max() > 0 and a32.abs().max() > 0):
         return None
     qb, rb = torch.linalg.qr(b32)  # b = qb rb, qb m x r
