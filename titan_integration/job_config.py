@@ -36,8 +36,9 @@ class Slimtrain:
     Empty: full-rank AdamW. On the CLI: --slimtrain.methods sltrain,refactorization"""
 
     warmup_fraction: float = -1.0
-    """If >= 0, lr_scheduler.warmup_steps is set to round(warmup_fraction * training.steps), so
-    the papers' "10% warmup" follows --training.steps overrides. Negative: use warmup_steps."""
+    """If >= 0, lr_scheduler.warmup_steps is set to round(warmup_fraction * total steps) (total:
+    lr_scheduler.total_steps if set, else training.steps), so the papers' "10% warmup" follows
+    --training.steps overrides. Negative: use lr_scheduler.warmup_steps as given."""
 
     data_dir: str = ""
     """Where the embedded default corpus and tokenizer live (prepared on first run). Empty: the
@@ -45,6 +46,10 @@ class Slimtrain:
 
     memory_report: bool = True
     """Log a memory breakdown (parameters, gradients, optimizer state, peak) once, after step 1."""
+
+    loss_log: str = ""
+    """If set, rank 0 appends one JSON line per step ({"step", "loss"}, the exact global loss) and
+    per validation ({"step", "val_loss", "val_perplexity"}) to this file (resume checks, plots)."""
 
 
 def _field_spec(f: dataclasses.Field, annotation: Any) -> tuple[str, Any, dataclasses.Field]:

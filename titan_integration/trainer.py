@@ -19,7 +19,9 @@ Testing aid: ``SLIMTRAIN_FAULT_NAN_AT_STEP=k`` makes the loss of step k NaN (tes
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 
 from titan_integration import cpu_shim
@@ -34,6 +36,7 @@ from titan_integration import context, data, memory, spec  # noqa: E402
 from titan_integration.converter import CONVERTER_NAME  # noqa: E402
 from titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
 from titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
+from titan_integration.rng_state import STATE_KEY, RNGState  # noqa: E402
 
 log = logging.getLogger("slimtrain")
 
@@ -61,7 +64,8 @@ def prepare_job_config(job_config) -> None:
     if frac >= 0:
         if frac > 1:
             raise ValueError(f"[slimtrain] warmup_fraction = {frac} must be in [0, 1]")
-        job_config.lr_scheduler.warmup_steps = int(round(frac * job_config.training.steps))
+        total = job_config.lr_scheduler.total_steps or job_config.training.steps
+        job_config.lr_scheduler.warmup_steps = int(round(frac * total))
     if cpu_shim.is_active():
         for key in ("mixed_precision_param", "mixed_precision_reduce"):
             if getattr(job_config.training, key, "float32") != "float32":
@@ -85,12 +89,43 @@ class SlimTrainer(Trainer):
         self._memory_logged = not job_config.slimtrain.memory_report
         super().__init__(job_config)
         self.optimizers.register_step_pre_hook(self._check_finite_before_update)
+        self._checkpoint_rng_state()
+        if job_config.validation.enable and hasattr(self.validator, "on_result"):
+            self.validator.on_result = lambda r: self._record(
+                {"step": r["step"], "val_loss": r["loss"], "val_perplexity": r["perplexity"]}
+            )
         ffn = ffn_hidden_dim(self.model_args)
         log.info(
             "slimtrain: flavor %s: dim %d, FFN %d, layers %d, heads %d, vocab %d",
             job_config.model.flavor, self.model_args.dim, ffn, self.model_args.n_layers,
             self.model_args.n_heads, self.model_args.vocab_size,
         )
+
+    def _checkpoint_rng_state(self) -> None:
+        """Add every rank's RNG state to torchtitan's checkpoint (see rng_state.py); skip restoring
+        it from a checkpoint written by another number of ranks instead of failing the load."""
+        ck = self.checkpointer
+        if not ck.enable:
+            return
+        self.rng_state = RNGState(self.device.type)
+        ck.states[STATE_KEY] = self.rng_state
+        original_load = ck.load
+
+        def load(step: int = -1) -> bool:
+            restore = None
+            if os.path.isdir(ck.folder):
+                found = ck._find_load_step() if step == -1 else step
+                if found > 0 and not self.rng_state.present_in_checkpoint(ck._create_checkpoint_id(found)):
+                    log.warning("slimtrain: checkpoint of step %d has no RNG state for this rank "
+                                "(other number of ranks?): RNG state not restored", found)
+                    restore = ck.states.pop(STATE_KEY)
+            try:
+                return original_load(step=step)
+            finally:
+                if restore is not None:
+                    ck.states[STATE_KEY] = restore
+
+        ck.load = load
 
     # -- per step -------------------------------------------------------------------------------
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
@@ -106,11 +141,14 @@ class SlimTrainer(Trainer):
         losses, self._pending_losses = self._pending_losses, []
         if not losses:
             return
-        total = torch.stack([x.reshape(()) for x in losses]).sum().float()
-        bad = (~torch.isfinite(total)).to(torch.float32).reshape(1)
+        # each rank's loss is (local loss sum / global valid tokens): their SUM is the global mean
+        # loss, and a NaN/Inf on any rank makes the sum non-finite on every rank
+        local = torch.stack([x.reshape(()) for x in losses]).sum().float()
+        total = local.clone().reshape(1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        global_loss = total.item()
+        if not math.isfinite(global_loss):
             folder = os.path.join(self.job_config.job.dump_folder, self.job_config.checkpoint.folder)
             kept = (
                 f"the newest checkpoint in {folder} (if any) is from before this step and is kept"
@@ -118,9 +156,17 @@ class SlimTrainer(Trainer):
                 else "checkpointing is disabled, nothing was saved"
             )
             raise NonFiniteLossError(
-                f"non-finite training loss at step {self.step} (local value {total.item()}); stopping "
+                f"non-finite training loss at step {self.step} (loss {global_loss}, this rank's "
+                f"part {local.item()}); stopping "
                 f"before the optimizer applies it; {kept}. Lower the learning rate or check the data"
             )
+        self._record({"step": self.step, "loss": global_loss})
+
+    def _record(self, entry: dict) -> None:
+        path = self.job_config.slimtrain.loss_log
+        if path and (not dist.is_initialized() or dist.get_rank() == 0):
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def train_step(self, data_iterator):
         super().train_step(data_iterator)

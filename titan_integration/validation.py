@@ -45,6 +45,8 @@ class _PerplexityMetrics:
         extra["validation_metrics/perplexity"] = ppl
         self._owner.last = {"step": step, "loss": loss, "perplexity": ppl}
         self._owner.validated_steps.add(step)
+        if self._owner.on_result is not None:
+            self._owner.on_result(self._owner.last)
         self._inner.log_validation(loss=loss, step=step, extra_metrics=extra)
         log.info("validation step %d: loss %.4f, perplexity %.2f", step, loss, ppl)
 
@@ -86,6 +88,7 @@ class SlimtrainValidator(Validator):
         self.pp_has_last_stage = pp_has_last_stage
         self.last: dict[str, float] | None = None
         self.validated_steps: set[int] = set()
+        self.on_result = None  # optional callback(dict) after each validation
         if job_config.validation.steps == -1:
             log.warning("validation.steps = -1 consumes the whole split each time (may hang if ranks differ)")
 
