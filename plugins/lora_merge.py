@@ -34,8 +34,9 @@ def merge_(model: nn.Module, *, seed: int = 0, step: int = 0) -> int:
             continue
         w0, b, a = orig["W0"], orig["B"], orig["A"]
         scale = float(getattr(p, "scale", 1.0))
-        bf, af = full_tensor(b).float(), full_tensor(a).float()
-        new_w0 = torch.addmm(full_tensor(w0).float(), bf, af, alpha=scale)
+        work = torch.promote_types(w0.dtype, torch.float32)  # fp32 (fp64 inputs stay fp64)
+        bf, af = full_tensor(b).to(work), full_tensor(a).to(work)
+        new_w0 = torch.addmm(full_tensor(w0).to(work), bf, af, alpha=scale)
         write_full_(w0, new_w0)
         g = seeded_generator(NAME, seed, fqn, step)
         write_full_(a, nn.init.kaiming_uniform_(torch.empty(tuple(a.shape)), a=math.sqrt(5), generator=g))
