@@ -53,8 +53,12 @@ class MomentumResetConfig:
 
 def iter_optimizers(optimizers: Iterable) -> list[torch.optim.Optimizer]:
     """Flatten torchtitan's OptimizersContainer (``.optimizers``) and plain optimizer lists."""
+    if optimizers is None:
+        return []
+    if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "optimizers"):
+        optimizers = [optimizers]  # a single optimizer or container rather than a list
     out, seen = [], set()
-    for o in optimizers or ():
+    for o in optimizers:
         inner = getattr(o, "optimizers", None)
         for opt in (inner if isinstance(inner, (list, tuple)) else [o]):
             if id(opt) not in seen:
