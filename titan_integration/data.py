@@ -25,10 +25,6 @@ from titan_integration import cpu_shim
 cpu_shim.apply()
 
 from torchtitan.components.tokenizer import build_hf_tokenizer  # noqa: E402
-from torchtitan.hf_datasets.text_datasets import (  # noqa: E402
-    build_text_dataloader,
-    build_text_validation_dataloader,
-)
 
 log = logging.getLogger("slimtrain")
 
@@ -46,9 +42,13 @@ def _corpus_dataset_module():
     return dataset
 
 
+def _is_corpus(name: str) -> bool:
+    return name.lower() in _corpus_dataset_module().DATASET_NAMES
+
+
 def uses_corpus(job_config) -> bool:
-    return job_config.training.dataset == CORPUS_DATASET or (
-        job_config.validation.enable and job_config.validation.dataset == CORPUS_DATASET
+    return _is_corpus(job_config.training.dataset) or (
+        job_config.validation.enable and _is_corpus(job_config.validation.dataset)
     )
 
 
@@ -60,9 +60,9 @@ def prepare_run_data(job_config, vocab_size: int) -> Path | None:
 
     data_dir = job_config.slimtrain.data_dir or None
     folder = Path(ensure_corpus(data_dir, vocab_size=vocab_size))
-    if job_config.training.dataset == CORPUS_DATASET and not job_config.training.dataset_path:
+    if _is_corpus(job_config.training.dataset) and not job_config.training.dataset_path:
         job_config.training.dataset_path = str(folder)
-    if job_config.validation.dataset == CORPUS_DATASET and not job_config.validation.dataset_path:
+    if _is_corpus(job_config.validation.dataset) and not job_config.validation.dataset_path:
         job_config.validation.dataset_path = str(folder)
     if job_config.model.hf_assets_path in ("", TITAN_DEFAULT_ASSETS, None):
         job_config.model.hf_assets_path = str(folder)
@@ -71,25 +71,17 @@ def prepare_run_data(job_config, vocab_size: int) -> Path | None:
 
 
 def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
-    """torchtitan ``build_dataloader_fn``."""
-    if job_config.training.dataset == CORPUS_DATASET:
-        return _corpus_dataset_module().build_dataloader(
-            dp_world_size=dp_world_size, dp_rank=dp_rank, tokenizer=tokenizer,
-            job_config=job_config, infinite=infinite,
-        )
-    return build_text_dataloader(
+    """torchtitan ``build_dataloader_fn``: the corpus's train split for ``"slimtrain"``, else
+    torchtitan's own text loader (the corpus builder dispatches on the dataset name)."""
+    return _corpus_dataset_module().build_text_dataloader(
         dp_world_size=dp_world_size, dp_rank=dp_rank, tokenizer=tokenizer,
         job_config=job_config, infinite=infinite,
     )
 
 
 def build_validation_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = False):
-    if job_config.validation.dataset == CORPUS_DATASET:
-        return _corpus_dataset_module().build_validation_dataloader(
-            dp_world_size=dp_world_size, dp_rank=dp_rank, tokenizer=tokenizer,
-            job_config=job_config, infinite=infinite,
-        )
-    return build_text_validation_dataloader(
+    """The corpus's held-out split for ``"slimtrain"``, else torchtitan's validation loader."""
+    return _corpus_dataset_module().build_text_validation_dataloader(
         dp_world_size=dp_world_size, dp_rank=dp_rank, tokenizer=tokenizer,
         job_config=job_config, infinite=infinite,
     )
