@@ -112,7 +112,11 @@ def vocab_dir_name(vocab_size: int) -> str:
 def _locked(data_dir: Path) -> Iterator[None]:
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process preparing %s to finish", data_dir)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -128,6 +132,7 @@ def _remove_stale_temporaries(data_dir: Path) -> None:
 
 def _install(tmp: Path, target: Path) -> None:
     """Atomically replace ``target`` with the finished ``tmp`` folder."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache should be readable
     old = None
     if target.exists():
         old = target.with_name(f".tmp-old-{target.name}-{os.getpid()}")
