@@ -171,3 +171,10 @@ def test_ensure_corpus_uses_env_dir(small_corpus, monkeypatch):
     monkeypatch.setattr(prepare, "CorpusSettings",
                         lambda **kw: SETTINGS if not kw else prepare.CorpusSettings(**kw))
     assert prepare.ensure_corpus(vocab_size=SMALL_VOCAB) == first.path
+
+
+def test_cli_rejects_too_small_vocab_before_fetching(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "default_sources",
+                        lambda: pytest.fail("must not fetch for an invalid vocab size"))
+    assert cli.main(["--data-dir", str(tmp_path), "--vocab-size", "100"]) == 1
+    assert "vocab size must be at least 258" in capsys.readouterr().err

@@ -16,7 +16,8 @@ loader visits its windows in a fresh seeded permutation per epoch and loops; the
 validation loader visits them in order once per pass.  ``state_dict`` is
 ``(epoch, position)``, so resuming is exact.
 
-Only this module of the package imports torchtitan.
+Only this module of the package imports torchtitan (after applying the project's
+CPU shim, which must precede any torchtitan import and is a no-op on GPU machines).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
+
+try:  # the project's rule: the CPU shim runs before torchtitan is first imported
+    from titan_integration import cpu_shim
+except ImportError:  # pragma: no cover - shim not present in this checkout
+    cpu_shim = None
+if cpu_shim is not None:
+    cpu_shim.apply()
 
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer

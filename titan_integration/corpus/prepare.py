@@ -341,6 +341,10 @@ def prepare_corpus(data_dir: str | os.PathLike | None = None,
     built.
     """
     t_start = time.perf_counter()
+    min_vocab = 256 + len(tkn.SPECIAL_TOKENS)
+    if vocab_size < min_vocab:
+        raise ValueError(f"vocab size must be at least {min_vocab} (256 bytes + "
+                         f"{len(tkn.SPECIAL_TOKENS)} special tokens), got {vocab_size}")
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     sources = list(default_sources() if sources is None else sources)
     settings = settings or CorpusSettings()
