@@ -32,11 +32,12 @@ Math (G is the m x n gradient, r the rank, step t 1-based, Adam(.) the bias-corr
 Refresh (``proj_method``):
 
 * ``"randomized"`` (default): randomized subspace iteration. A Gaussian sketch (seeded from the
-  parameter's position and the step, so every rank draws the same), ``proj_power_iters`` power
-  iterations with QR re-orthonormalization, ``proj_oversample`` extra columns, then a Rayleigh-Ritz
-  step (eigh of the small l x l Gram matrix of the sketch) that rotates the basis onto the estimated
-  singular vectors, sorted by singular value, and keeps the top r. All in fp32. For a gradient of
-  rank <= l it returns the exact column/row space.
+  parameter's position and the step, so every rank draws the same) of width l = r +
+  ``proj_oversample``, ``proj_power_iters`` power iterations (one QR re-orthonormalization each),
+  then the basis is rotated onto the sketch's own singular vectors (QR of the d x l sketch, SVD of the
+  l x l triangle) so its columns are ordered by estimated singular value, as the SVD's are (Adam is
+  not rotation-invariant, so the order and alignment of the basis matter), and the top r are kept.
+  All fp32. For a gradient of rank <= l it returns the exact column/row space.
 * ``"svd"``: ``torch.linalg.svd`` of the whole fp32 gradient (the reference's method).
 
 FSDP2 (DTensor parameters and gradients sharded ``Shard(0)`` on a 1-D mesh). What a refresh gathers
@@ -44,11 +45,10 @@ and computes on each rank, and why:
 
 * ``randomized``: the gradient is never gathered. Every product with G is done on the local row
   shard G_k, and only thin matrices cross ranks: right side (m >= n): ``G^T X = sum_k G_k^T X_k`` is an
-  all-reduce of n x l, and the Rayleigh-Ritz Gram ``sum_k (G_k Q)^T (G_k Q)`` an all-reduce of l x l;
-  left side (m < n): the sketch ``G Z`` stays row-sharded and is all-gathered (m x l) for its QR,
-  ``G^T Y`` is an all-reduce of n x l. Each rank does 1/world of the big matmul FLOPs; only the QR of
-  (m or n) x l matrices and the l x l eigh are repeated on every rank (O(d l^2), small against the
-  O(m n l) products). Chosen because it splits the expensive part by data and needs no cross-matrix
+  all-reduce of n x l (1 + power_iters of them), nothing is gathered; left side (m < n): the sketch
+  ``G Z`` is computed row-sharded and all-gathered (m x l) for its QR, ``G^T Y`` is an all-reduce of
+  n x l. Each rank does 1/world of the big matmul FLOPs; only the QRs of (m or n) x l matrices and the
+  l x l SVD are repeated on every rank (O(d l^2), small against the O(m n l) products). Chosen because it splits the expensive part by data and needs no cross-matrix
   scheduling.
 * ``svd``: the full SVD needs the whole matrix, so refreshes are spread *by matrix*: the parameters
   refreshed in a step are taken in chunks of world-size, every rank all-gathers the chunk's gradients
@@ -153,12 +153,12 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
-def _ritz(q: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """Rotate the orthonormal basis q (d x l) onto the eigenvectors of its Gram matrix (l x l),
-    by decreasing eigenvalue, and keep ``rank`` columns."""
-    evals, evecs = torch.linalg.eigh(gram)
-    order = torch.argsort(evals, descending=True)[:rank]
-    return q @ evecs[:, order]
+def _leading_left_vectors(y: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of the tall thin ``y`` (d x l): ``y = Q R``, then the
+    SVD of the small l x l ``R`` (no squaring of the spectrum, unlike an eigh of ``y^T y``)."""
+    q, r = torch.linalg.qr(y, mode="reduced")
+    u_r = torch.linalg.svd(r, full_matrices=False).U
+    return q @ u_r[:, :rank]
 
 
 def randomized_range(
@@ -166,8 +166,11 @@ def randomized_range(
 ) -> torch.Tensor:
     """Top-``rank`` singular subspace of the (row-sharded) gradient by randomized subspace iteration.
 
-    Returns P (m x rank, orthonormal columns) for ``side == "left"`` and Q (rank x n, orthonormal
-    rows) for ``"right"``; identical on every rank.
+    Left side: ``Y = (G G^T)^q G Omega`` (m x l, re-orthonormalized once per iteration), right side:
+    ``Y = (G^T G)^q G^T Omega`` (n x l); the basis returned is the top-``rank`` left singular vectors of
+    Y (ordered by estimated singular value). Returns P (m x rank, orthonormal columns) for ``"left"``
+    and Q (rank x n, orthonormal rows) for ``"right"``; identical on every rank. For a gradient of
+    rank <= l = rank + oversample, Y spans its exact column (row) space.
     """
     m, n = rows.shape
     g = rows.local
@@ -178,20 +181,14 @@ def randomized_range(
         omega = torch.randn(n, width, generator=gen).to(g.device)
         y = rows.gather_rows(g @ omega)  # G omega, m x l
         for _ in range(power_iters):
-            z = _orth(rows.allreduce(g.T @ rows.my_rows(_orth(y))))  # G^T Y, n x l
-            y = rows.gather_rows(g @ z)  # G Z, m x l
-        q = _orth(y)
-        w = rows.allreduce(g.T @ rows.my_rows(q))  # G^T Q, n x l
-        return _ritz(q, w.T @ w, rank).contiguous()
+            z = rows.allreduce(g.T @ rows.my_rows(_orth(y)))  # G^T Y, n x l
+            y = rows.gather_rows(g @ z)  # G G^T Y, m x l
+        return _leading_left_vectors(y, rank).contiguous()
     omega = torch.randn(m, width, generator=gen).to(g.device)
     y = rows.allreduce(g.T @ rows.my_rows(omega))  # G^T omega, n x l
     for _ in range(power_iters):
-        y = _orth(y)
-        y = rows.allreduce(g.T @ (g @ y))  # G^T G Y, n x l
-    q = _orth(y)
-    x = g @ q  # local rows of G Q
-    gram = rows.allreduce(x.T @ x)  # Q^T G^T G Q, l x l
-    return _ritz(q, gram, rank).T.contiguous()
+        y = rows.allreduce(g.T @ (g @ _orth(y)))  # G^T G Y, n x l
+    return _leading_left_vectors(y, rank).T.contiguous()
 
 
 def svd_projection(full: torch.Tensor, rank: int, side: str) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""Benchmark: one GaLore projection refresh, randomized range finder vs the reference's full SVD.
+
+At the LLaMA-1B matrix shapes (2048 x 2048 attention, 2048 x 5461 and 5461 x 2048 MLP; rank 512)
+times ``plugins.projected_adamw.randomized_range`` (default settings and variants) against
+``torch.linalg.svd`` of the whole fp32 matrix (what the reference GaLore/Fira code runs), extrapolates
+to all 168 matrices of LLaMA-1B, optionally runs a short loss comparison (randomized vs exact SVD
+refresh on a tiny model and synthetic data), and writes ``docs/benchmarks/galore_refresh.md``.
+
+    .venv/bin/python benchmarks/galore_refresh.py [--repeats 3] [--loss-steps 300] [--no-write]
+
+Timings are the minimum over repeats (the most robust statistic on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from plugins.projected_adamw import _Rows, randomized_range, std_side, svd_projection
+
+SHAPES = [(2048, 2048), (2048, 5461), (5461, 2048)]
+# LLaMA-1B: per layer wq, wk, wv, wo (2048 x 2048), w1, w3 (5461 x 2048), w2 (2048 x 5461); 24 layers
+COUNTS = {(2048, 2048): 4 * 24, (5461, 2048): 2 * 24, (2048, 5461): 1 * 24}
+RANK = 512
+VARIANTS = [("randomized, 2 power iters (default)", 2, 0), ("randomized, 1 power iter", 1, 0), ("randomized, 2 iters, oversample 16", 2, 16)]
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def subspace_error(a: torch.Tensor, b: torch.Tensor, side: str) -> float:
+    """sin of the largest principal angle between two rank-r bases."""
+    a, b = (a, b) if side == "left" else (a.T, b.T)
+    s = torch.linalg.svdvals(a.T.double() @ b.double())
+    return float(torch.sqrt(torch.clamp(1 - s.min() ** 2, min=0)))
+
+
+def realistic_gradient(m: int, n: int, device) -> torch.Tensor:
+    """A gradient-like matrix: power-law spectrum (as LLM gradients show) plus noise."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
+    s = torch.arange(1, k + 1, dtype=torch.float32) ** -1.0
+    return ((u * s) @ v.T + 1e-4 * torch.randn(m, n, generator=g)).to(device)
+
+
+def bench(repeats: int, device) -> list[dict]:
+    rows_out = []
+    for shape in SHAPES:
+        grad = realistic_gradient(*shape, device)
+        side = std_side(shape)
+        rows = _Rows(grad)
+        randomized_range(rows, RANK, side, power_iters=1)  # warm-up
+        svd_s = timed(lambda: svd_projection(grad, RANK, side), max(1, repeats - 1))
+        exact = svd_projection(grad, RANK, side)
+        for label, iters, over in VARIANTS:
+            t = timed(lambda: randomized_range(rows, RANK, side, power_iters=iters, oversample=over), repeats)
+            approx = randomized_range(rows, RANK, side, power_iters=iters, oversample=over)
+            top = 128  # how well the leading directions are found (the tail of a power law is noise-like)
+            err = subspace_error(approx[:, :top] if side == "left" else approx[:top], exact[:, :top] if side == "left" else exact[:top], side)
+            rows_out.append(dict(shape=shape, variant=label, rand_s=t, svd_s=svd_s, err=err))
+            print(f"{shape} {label}: {t*1e3:.1f} ms vs SVD {svd_s*1e3:.0f} ms -> {svd_s/t:.1f}x; top-128 sin angle {err:.2e}", flush=True)
+    return rows_out
+
+
+def loss_comparison(steps: int, seed: int = 0) -> dict[str, list[float]]:
+    """Tiny MLP regression on synthetic data: GaLore with randomized vs exact-SVD refresh."""
+    from plugins.projected_adamw import ProjectedAdamW
+
+    out = {}
+    for method in ("randomized", "svd"):
+        torch.manual_seed(seed)
+        teacher = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        proj = [model[0].weight, model[2].weight]
+        rest = [model[0].bias, model[2].bias]
+        opt = ProjectedAdamW(
+            [{"params": rest}, {"params": proj, "proj_rank": 16, "proj_gap": 50, "proj_scale": 0.25, "proj_method": method}],
+            lr=0.01,
+        )
+        g = torch.Generator().manual_seed(seed + 1)
+        losses = []
+        for _ in range(steps):
+            x = torch.randn(128, 64, generator=g)
+            with torch.no_grad():
+                y = teacher(x)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        out[method] = losses
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loss-steps", type=int, default=300)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs/benchmarks/galore_refresh.md"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results = bench(args.repeats, device)
+    losses = loss_comparison(args.loss_steps) if args.loss_steps > 0 else None
+
+    lines = [
+        "# GaLore projection refresh: randomized range finder vs full SVD",
+        "",
+        f"Run {datetime.date.today().isoformat()} on {dev_name}, torch {torch.__version__}, "
+        f"fp32, rank {RANK}; `benchmarks/galore_refresh.py --repeats {args.repeats}`. Times are the minimum "
+        f"over repeats (SVD: {max(1, args.repeats - 1)}); load average at start {load:.1f} (a shared machine: "
+        "other jobs ran, so absolute times are noisy, the ratios less so).",
+        "",
+    ]
+    if device.type != "cuda":
+        lines += [
+            "**No GPU in this session**: these are CPU figures. The issue's goal (>= 20x faster than the",
+            "reference's full SVD) was set against H100 figures (233 ms full SVD of 2048 x 5461 vs about 4 ms",
+            "randomized); re-run this script on a GPU machine to check it there.",
+            "",
+        ]
+    lines += [
+        "The gradient is synthetic with a power-law spectrum (s_i = 1/i) plus noise; `sin angle` is the",
+        "largest principal angle between the top-128 directions found and the exact ones.",
+        "",
+        "| shape | refresh | time | full SVD | speed-up | top-128 sin angle |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m, n = r["shape"]
+        lines.append(
+            f"| {m} x {n} | {r['variant']} | {r['rand_s']*1e3:.0f} ms | {r['svd_s']*1e3:.0f} ms | "
+            f"{r['svd_s']/r['rand_s']:.1f}x | {r['err']:.1e} |"
+        )
+    lines += ["", "Extrapolated to one refresh of all 168 projected matrices of LLaMA-1B:", ""]
+    for label, _, _ in VARIANTS:
+        tot_r = sum(COUNTS[r["shape"]] * r["rand_s"] for r in results if r["variant"] == label)
+        tot_s = sum(COUNTS[r["shape"]] * r["svd_s"] for r in results if r["variant"] == label)
+        lines.append(f"- {label}: {tot_r:.1f} s vs full SVD {tot_s:.1f} s ({tot_s/tot_r:.1f}x)")
+    if losses:
+        n = len(losses["svd"])
+        tail = max(1, n // 10)
+        lr_, ls_ = statistics.mean(losses["randomized"][-tail:]), statistics.mean(losses["svd"][-tail:])
+        lines += [
+            "",
+            f"## Loss, randomized vs exact SVD refresh ({n} steps)",
+            "",
+            "Tiny MLP (64-256-64, both weights projected at rank 16, gap 50, scale 0.25, lr 0.01) fitting a",
+            "random teacher on fresh Gaussian inputs each step (MSE). Mean loss over the last 10% of steps:",
+            "",
+            f"| refresh | loss at step {n // 3} | loss at step {2 * n // 3} | final (mean of last {tail}) |",
+            "|---|---|---|---|",
+            f"| randomized | {losses['randomized'][n // 3 - 1]:.5f} | {losses['randomized'][2 * n // 3 - 1]:.5f} | {lr_:.5f} |",
+            f"| exact SVD | {losses['svd'][n // 3 - 1]:.5f} | {losses['svd'][2 * n // 3 - 1]:.5f} | {ls_:.5f} |",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
