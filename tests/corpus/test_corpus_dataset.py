@@ -187,3 +187,17 @@ def test_other_dataset_names_go_to_torchtitan(monkeypatch):
     assert cds.build_validation_dataloader(2, 1, None, jc) == "titan-val"
     assert [c[0] for c in calls] == ["train", "val"]
     assert calls[0][1]["dp_rank"] == 1 and calls[0][1]["infinite"] is True
+
+
+def test_validator_builder_uses_corpus_loader_only_while_building(monkeypatch):
+    from torchtitan.components import validate
+
+    original = validate.build_text_validation_dataloader
+    seen = []
+    monkeypatch.setattr(validate, "build_validator",
+                        lambda *a, **k: seen.append(validate.build_text_validation_dataloader)
+                        or ("validator", a, k))
+    out = cds.build_corpus_validator(1, job_config="jc")
+    assert out == ("validator", (1,), {"job_config": "jc"})
+    assert seen == [cds.build_text_validation_dataloader]
+    assert validate.build_text_validation_dataloader is original
