@@ -111,7 +111,15 @@ def vocab_dir_name(vocab_size: int) -> str:
 @contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".lock", "w") as fh:
+    try:
+        fh = open(data_dir / ".lock", "a")
+    except OSError as e:
+        # A read-only, already prepared cache (e.g. a shared mount) needs no lock;
+        # if anything must be built, writing will fail with a clear error anyway.
+        log.warning("cannot lock %s (%s); continuing without the lock", data_dir, e)
+        yield
+        return
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
