@@ -1,0 +1,188 @@
+"""The user's training command on CPU: every recipe, 1 and 2 ranks, exact resume, fault handling.
+
+Most runs go through ``run_many.py`` (one torchrun launch runs many trainings exactly as
+``titan_integration/train.py`` does, to keep the suite short on 2 cores); two tests launch
+``titan_integration/train.py`` itself: the sltrain recipe on the embedded corpus, and a bad
+composition that must fail before any model is built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from .helpers import (
+    FAULT_ENV,
+    RECIPE_OVERRIDES,
+    offline_args,
+    python,
+    read_log,
+    run_many,
+    torchrun,
+)
+
+pytestmark = pytest.mark.integration
+
+TRAIN_PY = "titan_integration/train.py"
+STEPS = 6
+HALF = 3
+
+
+def _recipe_runs(recipes, a, work) -> list[dict]:
+    """For each recipe: STEPS straight; HALF steps of the same schedule; a resume to STEPS."""
+    runs = []
+    for r in recipes:
+        base = ["--job.config_file", f"plugins/{r}.toml", *offline_args(a), *RECIPE_OVERRIDES[r]]
+        straight, resumed = work / f"{r}_straight", work / f"{r}_resumed"
+        runs += [
+            {"name": f"{r}/straight", "args": [*base, "--training.steps", str(STEPS),
+                                                "--job.dump_folder", str(straight),
+                                                "--slimtrain.loss_log", str(straight) + ".jsonl"]},
+            {"name": f"{r}/half", "args": [*base, "--training.steps", str(HALF),
+                                            "--lr_scheduler.total_steps", str(STEPS),
+                                            "--job.dump_folder", str(resumed),
+                                            "--slimtrain.loss_log", str(resumed) + ".jsonl"]},
+            {"name": f"{r}/resume", "args": [*base, "--training.steps", str(STEPS),
+                                              "--job.dump_folder", str(resumed),
+                                              "--slimtrain.loss_log", str(resumed) + ".jsonl"]},
+        ]
+    return runs
+
+
+def _check_recipes(results, recipes, work) -> None:
+    for r in recipes:
+        for kind in ("straight", "half", "resume"):
+            res = results[f"{r}/{kind}"]
+            assert res["ok"], f"{r}/{kind}: {res['error']}"
+        straight, straight_val = read_log(work / f"{r}_straight.jsonl")
+        resumed, _ = read_log(work / f"{r}_resumed.jsonl")
+        assert [e["step"] for e in straight] == list(range(1, STEPS + 1)), r
+        # the resumed run's log: steps 1..HALF, then HALF+1..STEPS after loading the checkpoint
+        assert [e["step"] for e in resumed] == list(range(1, STEPS + 1)), f"{r}: did not resume"
+        assert all(math.isfinite(e["loss"]) for e in straight), r
+        # bitwise on CPU: the exact float of every step's global loss
+        assert [e["loss"] for e in resumed] == [e["loss"] for e in straight], (
+            f"{r}: resumed losses differ:\n{straight}\n{resumed}"
+        )
+        # validation perplexity at intervals (freq 4) and at the end
+        assert [v["step"] for v in straight_val] == [1, 4, STEPS], r
+        assert all(v["val_perplexity"] == pytest.approx(math.exp(v["val_loss"])) for v in straight_val)
+
+
+def test_every_recipe_resumes_exactly_one_rank_and_faults(offline_assets, tmp_path):
+    """1 rank: all recipes (straight == half + resume, bitwise); plus, in the same launch, a NaN
+    loss stop that keeps the last good checkpoint, a resume from it, a tokenizer larger than the
+    flavor's vocabulary, and bad compositions failing with the registry's message."""
+    from registry import CompositionError, ConfigError, compose
+
+    a = offline_assets
+    recipes = list(RECIPE_OVERRIDES)
+    runs = _recipe_runs(recipes, a, tmp_path)
+
+    nan_dir = tmp_path / "nan"
+    nan_args = ["--job.config_file", "plugins/sltrain.toml", *offline_args(a), "--sltrain.rank", "8",
+                "--training.steps", "8", "--job.dump_folder", str(nan_dir)]
+    runs.append({"name": "nan", "args": nan_args, "env": {FAULT_ENV: "5"}})
+    runs.append({"name": "after_nan", "args": nan_args})
+    big = [*offline_args(a), "--model.hf_assets_path", str(a["big_tokenizer"])]
+    runs.append({"name": "big_vocab", "args": ["--job.config_file", "plugins/full_rank.toml", *big,
+                                               "--training.steps", "2", "--job.dump_folder", str(tmp_path / "big")]})
+    bad = {
+        "unknown_method": (["--slimtrain.methods", "nosuch"], (["nosuch"], {})),
+        "two_parametrizations": (["--slimtrain.methods", "sltrain,low_rank"], (["sltrain", "low_rank"], {})),
+        "missing_requirement": (["--slimtrain.methods", "refactorization"], (["refactorization"], {})),
+        "bad_value": (["--slimtrain.methods", "sltrain", "--sltrain.delta", "2.0"],
+                      (["sltrain"], {"sltrain": {"delta": 2.0}})),
+    }
+    for name, (cli, _) in bad.items():
+        runs.append({"name": name, "args": ["--job.config_file", "plugins/full_rank.toml", *offline_args(a),
+                                            "--training.steps", "2", "--job.dump_folder", str(tmp_path / name),
+                                            *cli]})
+
+    results = run_many(1, runs, tmp_path)
+    _check_recipes(results, recipes, tmp_path)
+
+    # non-finite loss: stops at step 5 with a message, before writing anything for that step
+    assert not results["nan"]["ok"]
+    assert "NonFiniteLossError" in results["nan"]["error"] and "step 5" in results["nan"]["error"]
+    ckpts = sorted(os.listdir(nan_dir / "checkpoint"))
+    assert "step-4" in ckpts and "step-5" not in ckpts, ckpts
+    assert results["after_nan"]["ok"], results["after_nan"]["error"]  # resumes from step 4
+
+    assert not results["big_vocab"]["ok"]
+    assert "VocabularyError" in results["big_vocab"]["error"]
+    assert "vocab_size 4096" in results["big_vocab"]["error"]
+
+    for name, (_, (methods, sections)) in bad.items():
+        with pytest.raises((CompositionError, ConfigError)) as expected:
+            compose(methods, sections)
+        res = results[name]
+        assert not res["ok"], name
+        assert str(expected.value) in res["error"], (name, res["error"])
+        assert not (tmp_path / name / "checkpoint").exists()
+
+
+def test_every_recipe_resumes_exactly_two_ranks(offline_assets, tmp_path):
+    """2 ranks (FSDP2 over gloo): all recipes resume bitwise; TP with a parametrizing method is refused."""
+    a = offline_assets
+    recipes = list(RECIPE_OVERRIDES)
+    runs = _recipe_runs(recipes, a, tmp_path)
+    runs.append({"name": "tp", "args": ["--job.config_file", "plugins/sltrain.toml", *offline_args(a),
+                                        "--sltrain.rank", "8", "--training.steps", "2",
+                                        "--parallelism.tensor_parallel_degree", "2",
+                                        "--parallelism.data_parallel_shard_degree", "1",
+                                        "--job.dump_folder", str(tmp_path / "tp")]})
+    results = run_many(2, runs, tmp_path)
+    _check_recipes(results, recipes, tmp_path)
+    assert not results["tp"]["ok"]
+    assert "tensor parallelism" in results["tp"]["error"] and "sltrain" in results["tp"]["error"]
+
+
+def test_train_py_sltrain_on_embedded_corpus(tmp_path):
+    """The user's command: the sltrain recipe, tiny flavor, 2 ranks, embedded corpus (prepared on
+    first use); loss falls and a final validation perplexity is reported."""
+    log = tmp_path / "loss.jsonl"
+    proc = torchrun(2, TRAIN_PY, [
+        "--job.config_file", "plugins/sltrain.toml",
+        "--model.flavor", "tiny", "--sltrain.rank", "16",
+        "--training.steps", "24", "--training.local_batch_size", "8", "--training.global_batch_size", "-1",
+        "--validation.freq", "100", "--validation.steps", "2",
+        "--checkpoint.interval", "100", "--metrics.log_freq", "4",
+        "--job.dump_folder", str(tmp_path / "out"), "--slimtrain.loss_log", str(log),
+    ])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    train, val = read_log(log)
+    assert [e["step"] for e in train] == list(range(1, 25))
+    first, last = sum(e["loss"] for e in train[:4]) / 4, sum(e["loss"] for e in train[-4:]) / 4
+    assert last < first - 0.3, (first, last)
+    assert val and val[-1]["step"] == 24
+    assert "final validation at step 24" in out and "perplexity" in out
+    assert "slimtrain memory after step 1" in out and "optimizer state" in out
+
+
+def test_train_py_bad_composition_fails_before_model(tmp_path):
+    from registry import CompositionError, compose
+
+    with pytest.raises(CompositionError) as expected:
+        compose(["sltrain", "low_rank"], {})
+    # plain python: the run must fail before torch.distributed (torchrun's part) is ever needed
+    proc = python(TRAIN_PY, [
+        "--job.config_file", "plugins/sltrain.toml", "--slimtrain.methods", "sltrain,low_rank",
+        "--job.dump_folder", str(tmp_path / "out"),
+    ])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert str(expected.value) in out
+    assert "Building slimtrain_llama" not in out  # no model was built
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_train_py_unknown_key_is_an_error(tmp_path):
+    proc = python(TRAIN_PY, ["--job.config_file", "plugins/sltrain.toml", "--sltrain.no_such_key", "1",
+                             "--job.dump_folder", str(tmp_path / "out")])
+    assert proc.returncode == 2  # tyro's usage error
+    assert "no_such_key" in proc.stdout + proc.stderr
+
