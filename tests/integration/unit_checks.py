@@ -1,0 +1,227 @@
+"""In-process checks of titan_integration's pieces, run in ONE fresh subprocess by test_titan_units.py.
+
+Why a subprocess: the CPU shim must run before torchtitan is imported, and other test modules
+import torchtitan in the pytest process; these checks need a process where titan_integration
+comes first. Each ``check_*`` raises AssertionError on failure; ``main`` prints a JSON map
+name -> null (passed) or the error text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from titan_integration import cpu_shim  # noqa: E402
+
+cpu_shim.apply()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+RECIPES = ["full_rank", "low_rank", "lora", "relora", "galore", "fira", "sltrain", "sltrain_restarts",
+           "low_rank_restarts"]
+# (methods, learning rate) each recipe must have (methods.md: paper defaults at 60M)
+EXPECTED = {
+    "full_rank": ([], 1e-3),
+    "low_rank": (["low_rank"], 1e-3),
+    "lora": (["lora"], 1e-3),
+    "relora": (["lora", "lora_merge", "momentum_reset"], 2e-3),
+    "galore": (["galore"], 0.01),
+    "fira": (["fira"], 0.01),
+    "sltrain": (["sltrain"], 0.003),
+    "sltrain_restarts": (["sltrain", "refactorization", "momentum_reset"], 0.003),
+    "low_rank_restarts": (["low_rank", "refactorization", "momentum_reset"], 1e-3),
+}
+
+
+def _parse(args):
+    from torchtitan.config import ConfigManager
+
+    from titan_integration.train import complete_argv
+
+    return ConfigManager().parse_args(complete_argv(args))
+
+
+def check_cpu_shim():
+    import torchtitan.distributed.utils as du
+    import torchtitan.tools.utils as tu
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as fc
+
+    if torch.cuda.is_available():
+        assert not cpu_shim.is_active()
+        return
+    assert cpu_shim.is_active()
+    assert tu.device_type == "cpu"
+    assert tu.device_module.current_device() == 0 and du.device_module is tu.device_module
+    assert tu.device_module.get_device_properties("cpu").total_memory > 0
+    assert "reserved_bytes.all.peak" in tu.device_module.memory_stats("cpu")
+    # torch's own view of the cpu device module is untouched (DCP allocates on its current_device)
+    assert torch._utils._get_device_module("cpu") is torch.cpu
+    # gloo has no PREMUL_SUM: FSDP must reduce with plain SUM on cpu
+    _, _, rs, ar = fc._get_gradient_divide_factors(None, None, torch.float32, "cpu", 1.0)
+    assert rs == torch.distributed.ReduceOp.SUM and ar == torch.distributed.ReduceOp.SUM
+
+
+def check_flavors_match_paper():
+    from torchtitan.models.llama3 import Transformer
+
+    from titan_integration.flavors import FLAVORS, PAPER_SHAPES, ffn_hidden_dim
+
+    for name, shape in PAPER_SHAPES.items():
+        args = FLAVORS[name]
+        with torch.device("meta"):
+            model = Transformer(args)
+        block = model.layers["0"]
+        assert block.feed_forward.w1.weight.shape == (shape.ffn, shape.dim), name
+        assert block.feed_forward.w2.weight.shape == (shape.dim, shape.ffn), name
+        assert block.attention.wq.weight.shape == (shape.dim, shape.dim), name
+        assert block.attention.wk.weight.shape == (shape.dim, shape.dim), name  # no GQA
+        assert len(model.layers) == shape.n_layers and args.n_heads == shape.n_heads, name
+        assert model.tok_embeddings.weight.shape == (32000, shape.dim), name
+        assert ffn_hidden_dim(args) == shape.ffn
+    assert FLAVORS["tiny"].vocab_size <= 32000 and FLAVORS["tiny"].dim <= 128
+
+
+def check_job_config_sections_mirror_methods():
+    from registry import get_methods
+
+    from titan_integration.job_config import JobConfig
+
+    fields = {f.name: f for f in dataclasses.fields(JobConfig)}
+    assert "slimtrain" in fields
+    for name, info in get_methods().items():
+        assert name in fields, name
+        section = fields[name].default_factory()
+        config = info.cls.Config()
+        assert [f.name for f in dataclasses.fields(section)] == [f.name for f in dataclasses.fields(config)]
+        for f in dataclasses.fields(config):
+            assert getattr(section, f.name) == getattr(config, f.name), (name, f.name)
+
+
+def check_cli_overrides_and_unknown_keys():
+    cfg = _parse(["--job.config_file", "plugins/sltrain.toml", "--sltrain.rank", "64",
+                  "--slimtrain.methods", "sltrain,refactorization"])
+    assert cfg.sltrain.rank == 64 and cfg.sltrain.delta == 0.03
+    assert list(cfg.slimtrain.methods) == ["sltrain", "refactorization"]
+    # without custom_config_module/model.name in the TOML, train.py supplies slimtrain's
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write('[slimtrain]\nmethods = ["lora"]\n[lora]\nrank = 4\n')
+    cfg = _parse(["--job.config_file", f.name])
+    assert cfg.model.name == "slimtrain_llama" and cfg.lora.rank == 4
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write('[sltrain]\nno_such_key = 1\n')
+    try:
+        _parse(["--job.config_file", f.name])
+    except ValueError as exc:
+        assert "no_such_key" in str(exc)
+    else:
+        raise AssertionError("unknown TOML key accepted")
+
+
+def check_every_recipe_composes():
+    from titan_integration import context
+
+    for recipe in RECIPES:
+        cfg = _parse(["--job.config_file", f"plugins/{recipe}.toml"])
+        methods, lr = EXPECTED[recipe]
+        assert list(cfg.slimtrain.methods) == methods, recipe
+        comp = context.build_composition(cfg)
+        assert comp.method_names[: len(methods)] == methods, recipe
+        assert cfg.optimizer.lr == lr, (recipe, cfg.optimizer.lr)
+        assert cfg.model.flavor == "60m" and cfg.training.seq_len == 256, recipe
+        assert cfg.lr_scheduler.decay_type == "cosine" and cfg.lr_scheduler.min_lr_factor == 0.1, recipe
+        assert cfg.slimtrain.warmup_fraction == 0.1 and cfg.optimizer.weight_decay == 0.0, recipe
+        assert cfg.training.dataset == "slimtrain" and cfg.validation.enable, recipe
+        assert cfg.checkpoint.enable and not cfg.checkpoint.last_save_model_only, recipe
+        for m in comp.methods:
+            if getattr(m.config, "rank", None) is not None:
+                assert m.config.rank == 128, (recipe, m.name)
+
+
+def check_lr_factor_and_true_step_after_resume():
+    """LR = base * schedule(s-1) * lr_factor(s); hooks see 1..n, and continue after a reload."""
+    from registry import compose
+    from torchtitan.config import LRScheduler, Optimizer
+
+    from titan_integration import context, optimizer
+
+    comp = compose(["momentum_reset"], {"momentum_reset": {"every": 3, "warmup_steps": 2, "warmup_start": 0.1}})
+    seen = []
+    original_after_step = comp.after_step
+
+    def after_step(ctx):
+        seen.append(ctx.step)
+        original_after_step(ctx)
+
+    comp.after_step = after_step
+    context._STATE = context.RunState(job_config=None, composition=comp)
+    sched_cfg = LRScheduler(warmup_steps=2, decay_type="cosine", min_lr_factor=0.1)
+
+    def build(model):
+        opts = optimizer.build_optimizers([model], Optimizer(lr=0.5, implementation="for-loop"), None)
+        return opts, optimizer.build_lr_schedulers(opts, sched_cfg, 8)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opts, scheds = build(model)
+    base = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    from torchtitan.components.lr_scheduler import build_lr_schedulers
+
+    plain = build_lr_schedulers([base], sched_cfg, 8).schedulers[0].lr_lambdas[0]
+    lrs = []
+    for s in range(1, 9):
+        lrs.append(opts.optimizers[0].param_groups[0]["lr"])
+        model(torch.ones(1, 3)).sum().backward()
+        opts.step()
+        scheds.step()
+        opts.zero_grad()
+        if s == 4:
+            saved = scheds.state_dict()
+    assert seen == list(range(1, 9)), seen
+    for s, lr in enumerate(lrs, start=1):
+        want = 0.5 * plain(s - 1) * comp.lr_factor(s)
+        assert abs(lr - want) < 1e-12, (s, lr, want)
+    assert comp.lr_factor(4) == 0.1 and comp.lr_factor(5) == 0.55 and comp.lr_factor(6) == 1.0
+    # a "resumed" container continues at step 5
+    seen.clear()
+    opts2, scheds2 = build(nn.Linear(3, 2))
+    scheds2.load_state_dict(saved)
+    assert opts2.current_step() == 5
+    context.reset()
+
+
+def check_memory_breakdown():
+    from titan_integration.memory import measure
+
+    model = nn.Linear(4, 3)
+    model(torch.ones(2, 4)).sum().backward()
+    opt = torch.optim.AdamW(model.parameters())
+    opt.step()
+    m = measure([model], [opt], peak_bytes=123, peak_label="x")
+    assert m.trainable_param_bytes == 15 * 4 and m.grad_bytes == 15 * 4
+    assert m.optimizer_state_bytes >= 2 * 15 * 4
+    assert any("optimizer state" in line for line in m.lines())
+
+
+def main():
+    results = {}
+    for name, fn in list(globals().items()):
+        if name.startswith("check_") and callable(fn):
+            try:
+                fn()
+                results[name] = None
+            except Exception:
+                results[name] = traceback.format_exc()
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
