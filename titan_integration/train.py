@@ -11,7 +11,8 @@ Order matters here, which is why this file does so little itself:
    names - data, optimizer, memory, ... - must not shadow top-level packages; the repo root
    goes there instead, so ``titan_integration`` and ``plugins`` import from a checkout);
 2. complete the argument list (``[job] custom_config_module`` and ``[model] name`` default to
-   slimtrain's when neither the TOML nor the CLI names them) - torchtitan binds
+   slimtrain's when neither the TOML nor the CLI names them; a CPU flavor brings its run scale,
+   see run_defaults.py) - torchtitan binds
    ``ConfigManager.parse_args``'s default argument list when it is imported, so the final list is
    handed to it explicitly;
 3. apply the CPU shim before torchtitan is imported (``titan_integration.cpu_shim``);
@@ -30,6 +31,8 @@ if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
     sys.path[0] = _ROOT
 elif _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+from titan_integration import run_defaults  # noqa: E402  (torch-free)
 
 CUSTOM_CONFIG_MODULE = "titan_integration.job_config"
 TRAIN_SPEC_NAME = "slimtrain_llama"  # == titan_integration.spec.TRAIN_SPEC_NAME (not imported yet)
@@ -68,6 +71,12 @@ def complete_argv(argv: list[str]) -> list[str]:
         argv += ["--job.custom_config_module", CUSTOM_CONFIG_MODULE]
     if not (_cli_value(argv, "--model.name") or model.get("name")):
         argv += ["--model.name", TRAIN_SPEC_NAME]
+    flavor = _cli_value(argv, "--model.flavor") or model.get("flavor")
+    extra = run_defaults.extra_args(flavor, argv)
+    if extra:
+        print(f"slimtrain: flavor {flavor!r} run defaults (override on the command line): "
+              f"{' '.join(extra)}", file=sys.stderr)
+        argv += extra
     return argv
 
 

@@ -16,6 +16,7 @@ CHECKS = [
     "check_every_recipe_composes",
     "check_lr_factor_and_true_step_after_resume",
     "check_memory_breakdown",
+    "check_run_defaults",
 ]
 
 

@@ -86,7 +86,20 @@ def check_flavors_match_paper():
         assert len(model.layers) == shape.n_layers and args.n_heads == shape.n_heads, name
         assert model.tok_embeddings.weight.shape == (32000, shape.dim), name
         assert ffn_hidden_dim(args) == shape.ffn
-    assert FLAVORS["tiny"].vocab_size <= 32000 and FLAVORS["tiny"].dim <= 128
+    # tiny: small enough for CPU, wide enough that the recipes' paper rank 128 is a real low rank
+    assert FLAVORS["tiny"].vocab_size == 4096 and 2 * 128 <= FLAVORS["tiny"].dim <= 256
+
+
+def check_run_defaults():
+    from titan_integration.train import complete_argv
+
+    argv = complete_argv(["--job.config_file", "plugins/sltrain.toml", "--model.flavor", "tiny",
+                          "--training.local_batch_size", "2"])
+    cfg = _parse(argv)
+    assert cfg.training.local_batch_size == 2  # the user's flag wins
+    assert cfg.training.global_batch_size == -1 and cfg.validation.freq == 100  # tiny's run scale
+    cfg = _parse(["--job.config_file", "plugins/sltrain.toml"])
+    assert cfg.training.local_batch_size == 64 and cfg.training.global_batch_size == 512  # paper scale
 
 
 def check_job_config_sections_mirror_methods():
