@@ -98,10 +98,13 @@ def run_case(size: str, m: int, n: int, method: str, tokens: int, reps: int, dev
         from torch.distributed._tools.mem_tracker import MemTracker
 
         tracker = MemTracker()
-        tracker.track_external(linear, x, gy)
-        with tracker:
-            step()
-        peak = tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"]
+        tracker.track_external(*linear.parameters(), *linear.buffers(), x, gy)  # tensors: W0 is frozen
+        try:
+            with tracker:
+                step()
+            peak = tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"]
+        except RuntimeError:  # MemTracker hooks every parameter and refuses frozen ones (LoRA's W0)
+            peak = None
     times = []
     for _ in range(reps):
         sync()
@@ -110,6 +113,10 @@ def run_case(size: str, m: int, n: int, method: str, tokens: int, reps: int, dev
         sync()
         times.append(time.perf_counter() - t0)
     return dict(time_ms=1e3 * statistics.median(times), peak_bytes=peak, saved_bytes=saved_bytes, param_bytes=param_bytes)
+
+
+def fmt(value, divisor) -> str:
+    return "n/a" if value is None or divisor is None else f"{value / divisor:.2f}"
 
 
 def main() -> None:
@@ -140,7 +147,7 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 results[method] = json.loads(out)
                 r = results[method]
-                print(f"{size} {label} {m}x{n} {method:9s} {r['time_ms']:9.1f} ms  peak {r['peak_bytes']/2**20:8.1f} MiB  "
+                print(f"{size} {label} {m}x{n} {method:9s} {r['time_ms']:9.1f} ms  peak {fmt(r['peak_bytes'], 2**20)} MiB  "
                       f"saved {r['saved_bytes']/2**20:7.1f} MiB", file=sys.stderr)
             rows.append((size, label, m, n, tokens, results))
 
@@ -167,7 +174,7 @@ def main() -> None:
             r = results[method]
             lines.append(
                 f"| {size} | {label} | {m} x {n} | {tokens} | {method} | {r['time_ms']:.1f} | {r['time_ms']/d['time_ms']:.2f} | "
-                f"{r['peak_bytes']/2**20:.1f} | {r['peak_bytes']/max(d['peak_bytes'],1):.2f} | {r['saved_bytes']/2**20:.1f} | "
+                f"{fmt(r['peak_bytes'], 2**20)} | {fmt(r['peak_bytes'], d['peak_bytes'])} | {r['saved_bytes']/2**20:.1f} | "
                 f"{r['param_bytes']/2**20:.1f} |"
             )
     text = "\n".join(lines) + "\n"
