@@ -38,8 +38,6 @@ _APPLIED = False
 
 def needs_shim() -> bool:
     """True when torch sees no accelerator (the case torchtitan cannot handle by itself)."""
-    if os.environ.get("SLIMTRAIN_FORCE_CPU_SHIM") == "1":  # testing aid; never needed in normal use
-        return True
     return torch._utils._get_available_device_type() is None
 
 

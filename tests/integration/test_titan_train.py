@@ -125,7 +125,8 @@ def test_every_recipe_resumes_exactly_one_rank_and_faults(offline_assets, tmp_pa
 
 
 def test_every_recipe_resumes_exactly_two_ranks(offline_assets, tmp_path):
-    """2 ranks (FSDP2 over gloo): all recipes resume bitwise; TP with a parametrizing method is refused."""
+    """2 ranks (FSDP2 over gloo): all recipes resume bitwise; a NaN loss stops both ranks; TP with a
+    parametrizing method is refused."""
     a = offline_assets
     recipes = list(RECIPE_OVERRIDES)
     runs = _recipe_runs(recipes, a, tmp_path)
@@ -134,8 +135,15 @@ def test_every_recipe_resumes_exactly_two_ranks(offline_assets, tmp_path):
                                         "--parallelism.tensor_parallel_degree", "2",
                                         "--parallelism.data_parallel_shard_degree", "1",
                                         "--job.dump_folder", str(tmp_path / "tp")]})
+    nan_dir = tmp_path / "nan"
+    runs.append({"name": "nan", "env": {FAULT_ENV: "3"},
+                 "args": ["--job.config_file", "plugins/lora.toml", *offline_args(a), "--lora.rank", "8",
+                          "--training.steps", "4", "--job.dump_folder", str(nan_dir)]})
     results = run_many(2, runs, tmp_path)
     _check_recipes(results, recipes, tmp_path)
+    # the NaN is all-reduced: both ranks stop at the same step, before writing step 3
+    assert not results["nan"]["ok"] and "step 3" in results["nan"]["error"]
+    assert sorted(os.listdir(nan_dir / "checkpoint")) == ["step-2"]
     assert not results["tp"]["ok"]
     assert "tensor parallelism" in results["tp"]["error"] and "sltrain" in results["tp"]["error"]
 
