@@ -192,6 +192,10 @@ class SLTrain(Method):
             ParamSpec(f"{base}.original2", module, "S", (nnz,), method=NAME, is_linear=True),
         ]
 
+    def macs_per_token(self, module: str, shape: tuple[int, int]) -> int:
+        # the layer materializes W (as the reference does) and multiplies densely
+        return shape[0] * shape[1]
+
     def extra_bytes(self, module: str, shape: tuple[int, int]) -> int:
         return 8 * self._check(module, shape)  # the int64 support index
 

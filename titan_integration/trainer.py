@@ -19,10 +19,12 @@ Testing aid: ``SLIMTRAIN_FAULT_NAN_AT_STEP=k`` makes the loss of step k NaN (tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import time
 
 from titan_integration import cpu_shim
 
@@ -160,7 +162,7 @@ class SlimTrainer(Trainer):
                 f"part {local.item()}); stopping "
                 f"before the optimizer applies it; {kept}. Lower the learning rate or check the data"
             )
-        self._record({"step": self.step, "loss": global_loss})
+        self._record({"step": self.step, "loss": global_loss, "time": time.time()})
 
     def _record(self, entry: dict) -> None:
         path = self.job_config.slimtrain.loss_log
@@ -184,6 +186,7 @@ class SlimTrainer(Trainer):
         peak = int(stats.max_reserved_gib * 1024**3) if stats.max_reserved_gib >= 0 else -1
         label = "process peak RSS" if cpu_shim.is_active() else "allocator peak reserved"
         measured = memory.measure(self.model_parts, list(self.optimizers.optimizers), peak, label)
+        self._record({"step": self.step, "memory": dataclasses.asdict(measured)})
         lines = [f"slimtrain memory after step {self.step} (this rank; sharded sizes under FSDP):"]
         lines += ["  " + line for line in measured.lines()]
         try:
@@ -219,5 +222,6 @@ class SlimTrainer(Trainer):
                     "slimtrain: final validation at step %d: loss %.4f, perplexity %.2f",
                     last["step"], last["loss"], last["perplexity"],
                 )
-        if self.step > 0 and not self._memory_logged:
+        if self.step > 0 and self.job_config.slimtrain.memory_report:
+            # again at the end: the bench reads the last entry, whose peak covers the whole run
             self._log_memory()

@@ -138,9 +138,7 @@ def test_parametrized_weight_keeps_dense_view_and_init(fake_methods):
 
 
 def test_builtin_refactorization_requirement_names_factorized_builtins(fresh_registry):
-    methods = fresh_registry.get_methods()
-    if "refactorization" not in methods:
-        pytest.skip("refactorization built-in not installed")
+    assert "refactorization" in fresh_registry.get_methods()
     with pytest.raises(CompositionError) as err:
         compose(["refactorization"], {})
     for name in ("low_rank", "lora", "sltrain"):

@@ -32,7 +32,25 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def _analytic(recipe_name: str, flavor: str, seq_len: int) -> tuple[float, float]:
+def rank_overrides(recipe_name: str, rank: int) -> dict[str, dict]:
+    """``{method: {"rank": rank}}`` for every method of the recipe that has a rank setting."""
+    from registry import get_methods
+    from registry.config import config_defaults
+
+    installed = get_methods()
+    methods = load_recipe(recipe_name).methods
+    return {m: {"rank": rank} for m in methods if "rank" in config_defaults(installed[m].cls.Config)}
+
+
+def flavor_rank(flavor: str) -> int:
+    """The factorization rank that belongs to a flavor (the papers' rank at the paper sizes)."""
+    from titan_integration import flavors
+
+    shapes = {**flavors.PAPER_SHAPES, "tiny": flavors.TINY, "nano": flavors.NANO}
+    return shapes[flavor].rank
+
+
+def _analytic(recipe_name: str, flavor: str, seq_len: int, overrides: dict[str, dict]) -> tuple[float, float]:
     """(weights + optimizer GiB at 4 bytes/element as trained on CPU/fp32 params, FLOPs per token)."""
     from registry import compose, llama_dense_specs
     from registry.memory import training_flops_per_token
@@ -40,7 +58,10 @@ def _analytic(recipe_name: str, flavor: str, seq_len: int) -> tuple[float, float
 
     args = FLAVORS[flavor]
     recipe = load_recipe(recipe_name)
-    comp = compose(recipe.methods, recipe.sections)
+    sections = {k: dict(v) for k, v in recipe.sections.items()}
+    for method, values in overrides.items():
+        sections.setdefault(method, {}).update(values)
+    comp = compose(recipe.methods, sections)
     dense = llama_dense_specs(args.dim, ffn_hidden_dim(args), args.n_layers, args.vocab_size, args.n_heads, args.n_kv_heads)
     est = comp.estimate_memory(dense, bytes_per_element=4)
     flops = training_flops_per_token(comp, dense, n_layers=args.n_layers, dim=args.dim, seq_len=seq_len)
@@ -70,6 +91,7 @@ def _row(result: runner.RunResult, est_gib: float, flops_per_token: float) -> di
         "train_flops": flops_per_token * tokens,
         "tokens": tokens,
         "wall_s": round(result.wall_s, 1),
+        "val_curve": [[s * spec.tokens_per_step, loss] for s, loss, _ in result.val],
         "command": " ".join(spec.command()),
         "error": result.error,
     }
@@ -83,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=None, help="rank of every method that has one (default: the flavor's rank)")
     parser.add_argument("--lr", default="", help="comma-separated LRs to sweep per recipe (default: each recipe's own)")
     parser.add_argument("--val-every", type=int, default=0, help="validation interval in steps (default: steps/4)")
     parser.add_argument("--val-steps", type=int, default=8)
@@ -100,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     extra = tuple(a for a in args.extra if a != "--")
     val_every = args.val_every or max(1, args.steps // 4)
+    rank = args.rank or flavor_rank(args.flavor)
     specs = [
-        runner.RunSpec(r, lr, args.flavor, args.steps, args.nproc, args.batch, args.seq_len, out, val_every, args.val_steps, extra)
+        runner.RunSpec(
+            r, lr, args.flavor, args.steps, args.nproc, args.batch, args.seq_len, out, val_every, args.val_steps,
+            extra, rank_overrides(r, rank),
+        )
         for r in recipes
         for lr in lrs
     ]
@@ -110,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {i}/{len(specs)}] {spec.name}: {args.steps} steps of {spec.tokens_per_step} tokens ...", flush=True)
         result = runner.run(spec, timeout_s=args.timeout)
         try:
-            est_gib, flops = _analytic(spec.recipe, args.flavor, args.seq_len)
+            est_gib, flops = _analytic(spec.recipe, args.flavor, args.seq_len, spec.overrides)
         except Exception as exc:  # an estimate must not sink the sweep
             est_gib, flops = math.nan, math.nan
             result.error = result.error or f"estimate failed: {exc}"
         row = _row(result, est_gib, flops)
         rows.append(row)
-        curves[spec.name] = [(s * spec.tokens_per_step, loss) for s, loss, _ in result.val]
+        curves[spec.name] = row["val_curve"]
         state = f"ok: val ppl {row['val_perplexity']:.2f}, loss {row['final_train_loss']:.3f}" if result.ok else f"FAILED: {result.error}"
         print(f"[bench {i}/{len(specs)}] {spec.name} {state} ({result.wall_s:.0f} s; log {spec.folder / 'train.log'})", flush=True)
 

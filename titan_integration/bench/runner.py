@@ -35,6 +35,7 @@ class RunSpec:
     val_freq: int
     val_steps: int
     extra: tuple[str, ...] = ()
+    overrides: dict[str, dict] = dataclasses.field(default_factory=dict)  # method -> {key: value}
 
     @property
     def name(self) -> str:
@@ -68,6 +69,9 @@ class RunSpec:
         ]
         if self.lr is not None:
             cmd += ["--optimizer.lr", f"{self.lr:g}"]
+        for method, values in self.overrides.items():
+            for key, value in values.items():
+                cmd += [f"--{method}.{key}", str(value)]
         return cmd + list(self.extra)
 
 
