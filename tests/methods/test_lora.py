@@ -11,27 +11,7 @@ from torch import nn
 from registry import ConfigError, OptimizerHyper, compose
 from registry.parametrization import attach, originals, parametrization_of
 
-TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
-
-
-def tiny_model(comp, seed: int = 0, capture: bool = True):
-    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
-
-    with torch.device("meta"):
-        model = Transformer(TransformerModelArgs(**TINY))
-    if comp is not None:
-        comp.apply_parametrizations(model)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        if comp is not None and capture:
-            with comp.capture_init():
-                model.init_weights()
-        else:
-            model.init_weights()
-    if comp is not None:
-        comp.init_parametrized(model)
-    return model
+from tests.methods.tiny import TINY, tiny_model
 
 
 def test_w0_is_the_models_own_init_and_layer_starts_as_w0():

@@ -14,21 +14,7 @@ from plugins.lora_merge import merge_
 from registry import CompositionError, OptimizerHyper, StepContext, compose
 from registry.parametrization import attach, originals, parametrization_of
 
-TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
-
-
-def tiny_model(comp, seed: int = 0):
-    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
-
-    with torch.device("meta"):
-        model = Transformer(TransformerModelArgs(**TINY))
-    comp.apply_parametrizations(model)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    with comp.capture_init(), torch.no_grad():
-        model.init_weights()
-    comp.init_parametrized(model)
-    return model
+from tests.methods.tiny import TINY, tiny_model
 
 
 @given(st.integers(2, 12), st.integers(2, 12), st.integers(1, 12), st.floats(0.5, 64), st.integers(0, 2**31 - 1))

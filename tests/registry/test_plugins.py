@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,11 @@ EXAMPLE = ROOT / "examples" / "slimtrain-example-plugin"
 def example_site(tmp_path_factory) -> Path:
     """The example plugin pip-installed (with its entry point) into a private folder."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source)  # setuptools builds in the source tree: keep the repo clean
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(EXAMPLE)],
+         "--disable-pip-version-check", "--target", str(target), str(source)],
         check=True,
         capture_output=True,
     )
