@@ -99,6 +99,7 @@ class MomentumReset(Method):
         done = 0
         for opt in iter_optimizers(optimizers):
             keys = tuple(getattr(opt, "moment_keys", DEFAULT_MOMENT_KEYS))
+            restart_values = dict(getattr(opt, "restart_values", {}))
             for p, state in opt.state.items():
                 if id(p) not in wanted or not state:
                     continue
@@ -107,6 +108,10 @@ class MomentumReset(Method):
                         value = state.get(key)
                         if isinstance(value, torch.Tensor):
                             value.zero_()
+                    for key, initial in restart_values.items():
+                        value = state.get(key)
+                        if isinstance(value, torch.Tensor):
+                            value.fill_(initial)
                     if self.config.reset_step and "step" in state:
                         if isinstance(state["step"], torch.Tensor):
                             state["step"].zero_()

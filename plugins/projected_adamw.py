@@ -72,7 +72,6 @@ from typing import Any
 
 import torch
 
-from registry import hookimpl
 
 #: group keys that switch a group to projection (set by galore / fira via param_group_options)
 PROJECTION_KEYS = (
@@ -207,6 +206,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     #: the Adam moments this optimizer keeps (momentum_reset zeroes these, never ``proj``)
     moment_keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    #: other state a restart puts back to its initial value (Fira's limiter starts unlimited again,
+    #: as when the paper's code re-creates the optimizer)
+    restart_values: dict[str, float] = {"fira_prev": -1.0}
 
     def __init__(
         self,
@@ -239,7 +241,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # the fused/capturable kernels read the step on the parameter's device (as torch's Adam)
+                on_device = group.get("fused") or group.get("capturable")
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else None)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
@@ -367,7 +371,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = self._wrap_like(p, torch.zeros_like(low, dtype=p.dtype), rows, sharded)
                 state["exp_avg_sq"] = self._wrap_like(p, torch.zeros_like(low, dtype=p.dtype), rows, sharded)
                 if fira:
-                    state["fira_prev"] = torch.tensor(-1.0, dtype=torch.float32)
+                    state["fira_prev"] = torch.tensor(-1.0, dtype=torch.float32, device=g.device)
             exp_avg = self._local(state["exp_avg"])
             exp_avg_sq = self._local(state["exp_avg_sq"])
 
@@ -394,12 +398,12 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 sq = rows.allreduce(scaled.pow(2).sum().reshape(1))
                 norm_ref = sq.sqrt()[0] / c_t
                 prev = state["fira_prev"]
-                if float(prev) >= 0:
-                    limiter = torch.clamp(norm_ref / (prev + 1e-8), min=gamma) / gamma
-                    scaled = scaled / limiter
-                    prev.copy_(norm_ref / limiter)
-                else:
-                    prev.copy_(norm_ref)
+                # no host sync: the first step after creation or a reset (prev < 0) is not limited
+                limiter = torch.where(
+                    prev >= 0, torch.clamp(norm_ref / (prev + 1e-8), min=gamma) / gamma, torch.ones_like(norm_ref)
+                )
+                scaled = scaled / limiter
+                prev.copy_(norm_ref / limiter)
                 update = update + scaled
 
             p_local = self._local(p.data) if rows.dist else p.data
@@ -419,8 +423,3 @@ class ProjectedAdamW(torch.optim.Optimizer):
             else:
                 self._plain_step(group)
         return loss
-
-
-@hookimpl
-def register_methods(register):
-    """Registers nothing: ProjectedAdamW is the optimizer that galore and fira build."""

@@ -100,7 +100,7 @@ class Composition:
 
     def param_specs(self, model) -> list[tuple[ParamSpec, Any]]:
         """(spec, parameter) for every parameter of ``model``, with roles and owning methods."""
-        from registry.parametrization import parametrization_of, role_of
+        from registry.parametrization import canonical_name, parametrization_of, role_of
 
         marker = ".parametrizations.weight.original"
         out = []
@@ -113,19 +113,24 @@ class Composition:
             module = model.get_submodule(module_name) if module_name else model
             p = parametrization_of(module)
             method = p.method if (p is not None and marker in name) else None
-            out.append((_spec(module_name, local, param, module, method, role_of(local, module)), param))
+            spec = _spec(canonical_name(module_name), local, param, module, method, role_of(local, module))
+            out.append((spec, param))
         return out
 
     def param_groups(self, model) -> list[dict[str, Any]]:
         """Trainable parameters grouped by the options the PARAM_GROUPS methods give them."""
         groups: dict[tuple, dict[str, Any]] = {}
         contributors = self.with_capability(Capability.PARAM_GROUPS)
-        for spec, param in self.param_specs(model):
+        specs = self.param_specs(model)
+        selected = {m.name: 0 for m in contributors}
+        for spec, param in specs:
             if not param.requires_grad:
                 continue
             options: dict[str, Any] = {}
             for m in contributors:
-                for key, value in (m.param_group_options(spec) or {}).items():
+                contributed = m.param_group_options(spec) or {}
+                selected[m.name] += bool(contributed)
+                for key, value in contributed.items():
                     if key in options and options[key] != value:
                         raise CompositionError(
                             f"{spec.name}: param-group option {key!r} set to {options[key]!r} and "
@@ -135,6 +140,9 @@ class Composition:
             key = tuple(sorted(options.items()))
             group = groups.setdefault(key, {"params": [], **options})
             group["params"].append(param)
+        for m in contributors:
+            if not selected[m.name]:
+                raise ConfigError(_selects_nothing(m, specs))
         return list(groups.values())
 
     def build_optimizer(self, param_groups: list[dict[str, Any]], hyper: OptimizerHyper):
@@ -159,6 +167,20 @@ class Composition:
         from registry.memory import estimate_memory
 
         return estimate_memory(self, weights, **kwargs)
+
+
+def _selects_nothing(method: Method, specs: list[tuple[ParamSpec, Any]]) -> str:
+    """The message for a method whose selection matched no trainable parameter of the model."""
+    from registry.targets import matches_any
+
+    patterns = method.target_patterns()
+    matched = sorted({s.role + ("" if s.trainable else " (frozen)") for s, _ in specs if s.is_linear and matches_any(s.module, patterns)})
+    linears = sorted({s.module.rsplit(".", 1)[-1] for s, _ in specs if s.is_linear})
+    return (
+        f"[{method.name}] selects no trainable parameter of the model: targets = {list(patterns)!r}, "
+        f"roles = {list(method.target_roles())!r}; "
+        + (f"the targeted layers have roles: {', '.join(matched)}" if matched else f"candidate layer names: {', '.join(linears)}")
+    )
 
 
 def _spec(module_name: str, local: str, param, module, method, role: str | None = None) -> ParamSpec:
@@ -229,14 +251,21 @@ def _check_conflicts(methods: list[Method]) -> None:
             ):
                 if cap in a.provides and cap in b.provides:
                     shared = probe_overlap(a.target_patterns(), b.target_patterns())
-                    if cap is Capability.OPTIMIZER:
-                        shared = shared if set(a.target_roles()) & set(b.target_roles()) else []
+                    if cap is Capability.OPTIMIZER and not _roles_overlap(a.target_roles(), b.target_roles()):
+                        shared = []
                     if shared:
                         raise CompositionError(
                             f"{what}: {a.name!r} and {b.name!r} both target "
                             f"{', '.join(s.rsplit('.', 1)[-1] for s in shared)}; "
                             f"keep one or make their `targets` disjoint"
                         )
+
+
+def _roles_overlap(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two role selections (fnmatch patterns such as ``*`` or ``A``) share a role."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(x, y) or fnmatch.fnmatchcase(y, x) for x in a for y in b)
 
 
 def _check_requirements(methods: list[Method], classes: Mapping[str, type[Method]]) -> None:

@@ -75,12 +75,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
             pm.add_hookspecs(hookspecs)
             pm._slimtrain_sources = {}  # type: ignore[attr-defined]
             for module_name in BUILTIN_PLUGINS:
-                try:
-                    module = importlib.import_module(module_name)
-                except ModuleNotFoundError as exc:
-                    if exc.name != module_name:
-                        raise
-                    continue  # a built-in not written yet
+                module = importlib.import_module(module_name)
                 pm.register(module, name=module_name)
                 pm._slimtrain_sources[module_name] = "built-in"  # type: ignore[attr-defined]
             _load_entry_points(pm)

@@ -128,13 +128,15 @@ class Method:
 
     def selects(self, spec: ParamSpec) -> bool:
         """Whether an optimizer/param-group hook of this method applies to ``spec``."""
+        import fnmatch
+
         from registry.targets import matches_any
 
         return (
             spec.trainable
             and spec.is_linear
             and len(spec.shape) == 2
-            and spec.role in self.target_roles()
+            and any(fnmatch.fnmatchcase(spec.role, role) for role in self.target_roles())
             and matches_any(spec.module, self.target_patterns())
         )
 

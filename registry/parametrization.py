@@ -114,12 +114,23 @@ def originals(linear: nn.Module) -> dict[str, torch.Tensor]:
     return {role: getattr(plist, f"original{i}") for i, role in enumerate(p.roles)}
 
 
+# Segments that wrappers (activation checkpointing, torch.compile, FSDP1) insert into module names.
+_WRAPPER_SEGMENTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without wrapper segments, so seeds and patterns do not depend on whether
+    activation checkpointing or compile is on."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
 def iter_parametrized(model: nn.Module, method: str | None = None) -> Iterator[tuple[str, nn.Module, Any]]:
-    """(fqn, linear, parametrization) for every slimtrain-parametrized Linear, optionally of one method."""
+    """(canonical fqn, linear, parametrization) for every slimtrain-parametrized Linear,
+    optionally of one method."""
     for fqn, module in model.named_modules():
         p = parametrization_of(module)
         if p is not None and (method is None or p.method == method):
-            yield fqn, module, p
+            yield canonical_name(fqn), module, p
 
 
 def role_of(param_name: str, module: nn.Module) -> str:

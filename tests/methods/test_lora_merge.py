@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -64,7 +63,6 @@ def test_requires_a_frozen_base():
         compose(["low_rank", "lora_merge"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("plugins.momentum_reset") is None, reason="momentum_reset not written yet")
 def test_relora_is_a_composition_that_trains():
     comp = compose(
         ["lora", "lora_merge", "momentum_reset"],

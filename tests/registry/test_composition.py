@@ -143,3 +143,43 @@ def test_builtin_refactorization_requirement_names_factorized_builtins(fresh_reg
         compose(["refactorization"], {})
     for name in ("low_rank", "lora", "sltrain"):
         assert name in str(err.value)
+
+
+# -- the same rules with the built-in methods ---------------------------------------------------
+def test_builtin_adamw_and_galore_are_two_optimizers_on_the_same_parameters(fresh_registry):
+    with pytest.raises(CompositionError, match="two optimizer wrappers on the same parameters: 'adamw' and 'galore'"):
+        compose(["adamw", "galore"], {})
+    with pytest.raises(CompositionError, match="two optimizer wrappers on the same parameters: 'galore' and 'fira'"):
+        compose(["galore", "fira"], {})
+
+
+@pytest.mark.parametrize(
+    "methods, sections, needle",
+    [
+        (["galore"], {"galore": {"targets": ["nomatch"], "rank": 2}}, "candidate layer names: output, w1, w2, w3, wk, wo, wq, wv"),
+        (["galore"], {"galore": {"roles": ["A"], "rank": 2}}, "the targeted layers have roles: weight"),
+        (["lora", "galore"], {"lora": {"rank": 2}, "galore": {"rank": 2}}, "the targeted layers have roles: A, B, W0 (frozen)"),
+    ],
+)
+def test_optimizer_selection_matching_nothing_is_an_error(fresh_registry, methods, sections, needle):
+    comp = compose(methods, sections)
+    model = fakes.TinyModel()
+    comp.apply_parametrizations(model)
+    with pytest.raises(ConfigError) as err:
+        comp.param_groups(model)
+    assert "[galore] selects no trainable parameter of the model" in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_galore_on_lora_factors_is_valid(fresh_registry):
+    comp = compose(["lora", "galore"], {"lora": {"rank": 2}, "galore": {"rank": 2, "roles": ["B", "A"]}})
+    model = fakes.TinyModel()
+    comp.apply_parametrizations(model)
+    projected = [g for g in comp.param_groups(model) if "proj_rank" in g]
+    assert sum(len(g["params"]) for g in projected) == 2 * 14
+
+
+def test_wrapper_segments_do_not_change_names(fake_methods):
+    from registry.parametrization import canonical_name
+
+    assert canonical_name("layers.0._checkpoint_wrapped_module.attention._orig_mod.wq") == "layers.0.attention.wq"
