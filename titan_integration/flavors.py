@@ -31,7 +31,7 @@ class PaperShape:
     n_layers: int
     n_heads: int
     multiple_of: int  # chosen so torchtitan's FFN formula yields ``ffn`` exactly
-    rank: int  # the papers' factorization rank at this size (documentation; recipes set it)
+    rank: int  # the papers' factorization rank at this size (recipes carry 60M's; the bench sets it per flavor)
 
 
 PAPER_SHAPES: dict[str, PaperShape] = {
@@ -50,6 +50,27 @@ TINY_VOCAB = 4096
 TINY = PaperShape(dim=256, ffn=688, n_layers=4, n_heads=4, multiple_of=16, rank=128)
 # ``nano``: the smallest shapes, for fast integration tests of the plumbing (ranks must be <= 32)
 NANO = PaperShape(dim=32, ffn=96, n_layers=2, n_heads=2, multiple_of=16, rank=8)
+
+SHAPES: dict[str, PaperShape] = {**PAPER_SHAPES, "tiny": TINY, "nano": NANO}
+
+# Method settings the papers change with size (methods.md), beyond the rank: SLTrain's alpha
+# (32 / 16 / 16 / 8 for 60M / 130M / 350M / 1B) and Fira's scale (0.0625 at 1B). The recipes
+# carry the 60M values; ``paper_settings`` gives what a run at another size should override.
+_SIZE_SETTINGS: dict[str, dict[str, dict[str, float]]] = {
+    "130m": {"sltrain": {"alpha": 16.0}},
+    "350m": {"sltrain": {"alpha": 16.0}},
+    "1b": {"sltrain": {"alpha": 8.0}, "fira": {"scale": 0.0625}},
+}
+
+
+def paper_settings(flavor: str, methods: list[str], has_rank) -> dict[str, dict[str, float]]:
+    """``{method: {key: value}}`` for ``flavor``: the flavor's rank for every method for which
+    ``has_rank(method)`` is true, plus the size-dependent settings above."""
+    out: dict[str, dict] = {m: {"rank": SHAPES[flavor].rank} for m in methods if has_rank(m)}
+    for method, values in _SIZE_SETTINGS.get(flavor, {}).items():
+        if method in methods:
+            out.setdefault(method, {}).update(values)
+    return out
 
 
 def ffn_hidden_dim(args: TransformerModelArgs) -> int:

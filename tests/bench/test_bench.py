@@ -55,15 +55,20 @@ def test_two_recipe_sweep_writes_tables_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     rc = bench_cli.main([
         "--recipes", "full_rank,sltrain", "--flavor", "nano", "--steps", "8", "--batch", "4",
-        "--seq-len", "64", "--val-every", "4", "--val-steps", "2", "--lr", "3e-3", "--out", str(out),
+        "--seq-len", "64", "--val-every", "4", "--val-steps", "2", "--lr", "1e-4,3e-3", "--out", str(out),
     ])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
+    assert [(r["recipe"], r["lr"]) for r in data["runs"]] == [
+        ("full_rank", 1e-4), ("full_rank", 3e-3), ("sltrain", 1e-4), ("sltrain", 3e-3)
+    ]
     best = {r["recipe"]: r for r in data["best"]}
     assert set(best) == {"full_rank", "sltrain"}
-    for row in best.values():
+    for recipe, row in best.items():
         assert row["status"] == "ok", row["error"]
-        assert row["lr"] == 3e-3
+        # the best run per recipe is the one with the lowest final validation loss
+        runs = [r for r in data["runs"] if r["recipe"] == recipe]
+        assert row["val_loss"] == min(r["val_loss"] for r in runs)
         curve = row["val_curve"]
         assert [t for t, _ in curve] == [256, 4 * 256, 8 * 256]  # validated at steps 1, 4, 8
         assert curve[-1][1] < curve[0][1]  # validation loss falls
@@ -77,9 +82,10 @@ def test_two_recipe_sweep_writes_tables_and_plots(tmp_path, capsys):
     assert best["sltrain"]["weights_optimizer_estimated_gib"] < best["full_rank"]["weights_optimizer_estimated_gib"]
     assert best["sltrain"]["train_flops"] == pytest.approx(best["full_rank"]["train_flops"])
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [r["recipe"] for r in rows] == ["full_rank", "sltrain"]
+    assert [r["recipe"] for r in rows] == ["full_rank", "full_rank", "sltrain", "sltrain"]
     md = (out / "results.md").read_text()
-    assert "| full_rank | 0.003 | ok |" in md and "| sltrain | 0.003 | ok |" in md
+    assert "## Best learning rate per recipe" in md and "## Every run" in md
+    assert f"| full_rank | {best['full_rank']['lr']:g} | ok |" in md
     for name in ("val_loss_vs_tokens.png", "ppl_vs_memory.png", "ppl_vs_flops.png"):
         assert _image_has_content(out / name), name
 
@@ -104,3 +110,17 @@ def test_unknown_recipe_is_refused_before_running(tmp_path, capsys):
     assert bench_cli.main(["--recipes", "full_rank,nope", "--out", str(tmp_path)]) == 2
     assert "unknown recipe(s) nope" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe, flavor, expected",
+    [
+        ("sltrain_restarts", "1b", {"sltrain": {"rank": 512, "alpha": 8.0}}),
+        ("sltrain", "130m", {"sltrain": {"rank": 256, "alpha": 16.0}}),
+        ("fira", "1b", {"fira": {"rank": 512, "scale": 0.0625}}),
+        ("galore", "60m", {"galore": {"rank": 128}}),
+        ("full_rank", "1b", {}),
+    ],
+)
+def test_runs_at_a_paper_size_take_that_sizes_settings(recipe, flavor, expected):
+    assert bench_cli.method_overrides(recipe, flavor, None) == expected

@@ -32,22 +32,21 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def rank_overrides(recipe_name: str, rank: int) -> dict[str, dict]:
-    """``{method: {"rank": rank}}`` for every method of the recipe that has a rank setting."""
+def method_overrides(recipe_name: str, flavor: str, rank: int | None) -> dict[str, dict]:
+    """Per-method settings for a run at ``flavor``: the flavor's rank (or ``rank``) for every
+    method that has one, and the papers' size-dependent settings (SLTrain alpha, Fira scale)."""
     from registry import get_methods
     from registry.config import config_defaults
+    from titan_integration.flavors import paper_settings
 
     installed = get_methods()
     methods = load_recipe(recipe_name).methods
-    return {m: {"rank": rank} for m in methods if "rank" in config_defaults(installed[m].cls.Config)}
-
-
-def flavor_rank(flavor: str) -> int:
-    """The factorization rank that belongs to a flavor (the papers' rank at the paper sizes)."""
-    from titan_integration import flavors
-
-    shapes = {**flavors.PAPER_SHAPES, "tiny": flavors.TINY, "nano": flavors.NANO}
-    return shapes[flavor].rank
+    out = paper_settings(flavor, methods, lambda m: "rank" in config_defaults(installed[m].cls.Config))
+    if rank is not None:
+        for values in out.values():
+            if "rank" in values:
+                values["rank"] = rank
+    return out
 
 
 def _analytic(recipe_name: str, flavor: str, seq_len: int, overrides: dict[str, dict]) -> tuple[float, float]:
@@ -123,11 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     extra = tuple(a for a in args.extra if a != "--")
     val_every = args.val_every or max(1, args.steps // 4)
-    rank = args.rank or flavor_rank(args.flavor)
     specs = [
         runner.RunSpec(
             r, lr, args.flavor, args.steps, args.nproc, args.batch, args.seq_len, out, val_every, args.val_steps,
-            extra, rank_overrides(r, rank),
+            extra, method_overrides(r, args.flavor, args.rank),
         )
         for r in recipes
         for lr in lrs

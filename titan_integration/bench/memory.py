@@ -16,7 +16,7 @@ from registry import compose, get_methods, llama_dense_specs
 from registry.config import config_defaults
 
 from titan_integration.bench.recipes import available_recipes, load_recipe
-from titan_integration.flavors import PAPER_SHAPES, PAPER_VOCAB
+from titan_integration.flavors import PAPER_SHAPES, PAPER_VOCAB, paper_settings
 
 DEFAULT_RECIPES = "full_rank,galore,fira,low_rank,lora,relora,sltrain,sltrain_restarts"
 
@@ -27,9 +27,11 @@ def memory_row(recipe_name: str, flavor: str, rank: int | None = None) -> dict:
     recipe = load_recipe(recipe_name)
     installed = get_methods()
     sections = {k: dict(v) for k, v in recipe.sections.items()}
-    for name in recipe.methods:
-        if "rank" in config_defaults(installed[name].cls.Config):
-            sections.setdefault(name, {})["rank"] = rank or paper_rank
+    has_rank = lambda m: "rank" in config_defaults(installed[m].cls.Config)  # noqa: E731
+    for method, values in paper_settings(flavor, recipe.methods, has_rank).items():
+        sections.setdefault(method, {}).update(values)
+        if rank is not None and "rank" in values:
+            sections[method]["rank"] = rank
     comp = compose(recipe.methods, sections)
     est = comp.estimate_memory(llama_dense_specs(dim, ffn, layers, PAPER_VOCAB, heads))
     return {
