@@ -78,7 +78,7 @@ def _row(result: runner.RunResult, est_gib: float, flops_per_token: float) -> di
     return {
         "run": spec.name,
         "recipe": spec.recipe,
-        "lr": spec.lr if spec.lr is not None else "recipe",
+        "lr": spec.lr if spec.lr is not None else load_recipe(spec.recipe).raw.get("optimizer", {}).get("lr", math.nan),
         "status": "ok" if result.ok else "failed",
         "val_perplexity": result.val_perplexity,
         "val_loss": result.val_loss,
