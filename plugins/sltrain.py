@@ -37,8 +37,14 @@ def draw_support(seed: int, fqn: str, m: int, n: int, delta: float) -> torch.Ten
     """Sorted, unique flat indices into an m x n matrix (int64, CPU), ``round(delta m n)`` of them,
     a pure function of (seed, fqn, m, n, delta)."""
     g = seeded_generator(NAME, "support", seed, fqn)
-    idx = torch.randperm(m * n, generator=g)[: support_size(delta, m, n)]
-    return torch.sort(idx).values
+    total, k = m * n, support_size(delta, m, n)
+    # Uniform k-subset in O(k log k) instead of a randperm of all m*n positions (about 10x faster
+    # at the 1B shapes): the distinct values of iid uniform draws, then a uniform k of them.
+    distinct = torch.unique(torch.randint(total, (k + k // 16 + 64,), generator=g))
+    while distinct.numel() < k:
+        distinct = torch.unique(torch.cat([distinct, torch.randint(total, (k,), generator=g)]))
+    keep = torch.randperm(distinct.numel(), generator=g)[:k]
+    return torch.sort(distinct[keep]).values
 
 
 def dense_weight(b: torch.Tensor, a: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:

@@ -132,3 +132,15 @@ def test_bad_rank_names_the_weight_and_shape():
     comp = compose(["sltrain"], {"sltrain": {"rank": 64, "targets": "wo"}})
     with pytest.raises(ConfigError, match=r"layers\.0\.attention\.wo\.weight of shape \(32, 32\)"):
         tiny_model(comp)
+
+
+def test_support_is_uniform_over_positions():
+    from plugins.sltrain import draw_support
+
+    counts = torch.zeros(6 * 5)
+    draws = 3000
+    for seed in range(draws):
+        counts[draw_support(seed, "w", 6, 5, 0.2)] += 1  # 6 of 30 positions each time
+    expected = draws * 6 / 30
+    # binomial std is about 22 here: every position within 5 std of its expectation
+    assert (counts - expected).abs().max() < 5 * (draws * 0.2 * 0.8) ** 0.5
