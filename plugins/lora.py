@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from plugins.low_rank import check_rank
-from registry import Capability, DEFAULT_TARGETS, Method, ParamSpec, check_range, hookimpl
+from registry import Capability, DEFAULT_TARGETS, Method, check_range, hookimpl
 from registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
 from registry.tensors import write_full_
 
@@ -95,17 +95,6 @@ class LoRA(Method):
         shape = (linear.out_features, linear.in_features)
         check_rank(NAME, c.rank, fqn, shape)
         return LoRAParametrization(*shape, rank=c.rank, scale=c.scale, seed=c.seed)
-
-    def param_specs(self, module: str, shape: tuple[int, int]) -> list[ParamSpec]:
-        m, n = shape
-        r = self.config.rank
-        check_rank(NAME, r, module, shape)
-        base = f"{module}.parametrizations.weight"
-        return [
-            ParamSpec(f"{base}.original0", module, "W0", (m, n), trainable=False, method=NAME, is_linear=True),
-            ParamSpec(f"{base}.original1", module, "B", (m, r), method=NAME, is_linear=True),
-            ParamSpec(f"{base}.original2", module, "A", (r, n), method=NAME, is_linear=True),
-        ]
 
 
 @hookimpl

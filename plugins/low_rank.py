@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from registry import Capability, ConfigError, DEFAULT_TARGETS, Method, ParamSpec, check_choice, check_range, hookimpl
+from registry import Capability, ConfigError, DEFAULT_TARGETS, Method, check_choice, check_range, hookimpl
 from registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
 from registry.tensors import local_tensor, write_full_
 
@@ -134,16 +134,6 @@ class LowRank(Method):
         shape = (linear.out_features, linear.in_features)
         check_rank(NAME, c.rank, fqn, shape)
         return LowRankParametrization(*shape, rank=c.rank, scale=c.scale, init=c.init, init_std=c.init_std, seed=c.seed)
-
-    def param_specs(self, module: str, shape: tuple[int, int]) -> list[ParamSpec]:
-        m, n = shape
-        r = self.config.rank
-        check_rank(NAME, r, module, shape)
-        base = f"{module}.parametrizations.weight"
-        return [
-            ParamSpec(f"{base}.original0", module, "B", (m, r), method=NAME, is_linear=True),
-            ParamSpec(f"{base}.original1", module, "A", (r, n), method=NAME, is_linear=True),
-        ]
 
 
 @hookimpl

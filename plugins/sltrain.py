@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from plugins.low_rank import balanced_svd_factors, check_rank, throwaway_weight
-from registry import Capability, ConfigError, DEFAULT_TARGETS, Method, ParamSpec, check_range, hookimpl
+from registry import Capability, ConfigError, DEFAULT_TARGETS, Method, check_range, hookimpl
 from registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
 from registry.tensors import write_full_
 
@@ -186,17 +186,6 @@ class SLTrain(Method):
         return SLTrainParametrization(
             *shape, rank=c.rank, scale=c.scale, delta=c.delta, seed=c.seed, fqn=fqn, device=linear.weight.device
         )
-
-    def param_specs(self, module: str, shape: tuple[int, int]) -> list[ParamSpec]:
-        m, n = shape
-        r = self.config.rank
-        nnz = self._check(module, shape)
-        base = f"{module}.parametrizations.weight"
-        return [
-            ParamSpec(f"{base}.original0", module, "B", (m, r), method=NAME, is_linear=True),
-            ParamSpec(f"{base}.original1", module, "A", (r, n), method=NAME, is_linear=True),
-            ParamSpec(f"{base}.original2", module, "S", (nnz,), method=NAME, is_linear=True),
-        ]
 
     def macs_per_token(self, module: str, shape: tuple[int, int]) -> int:
         # the layer materializes W (as the reference does) and multiplies densely

@@ -147,8 +147,26 @@ class Method:
         raise NotImplementedError(f"{self.name} declares no parametrization")
 
     def param_specs(self, module: str, shape: tuple[int, int]) -> list[ParamSpec]:
-        """The parameters that replace a dense ``shape`` weight of ``module`` (memory estimate)."""
-        raise NotImplementedError(f"{self.name} declares no parametrization")
+        """The parameters that replace a dense ``shape`` weight of ``module`` (memory estimate).
+
+        Derived from the method's own parametrization on the meta device (its roles, frozen roles
+        and the shapes ``right_inverse`` returns), so the estimate cannot drift from what training
+        builds; override only for parameters a parametrization creates some other way."""
+        import torch
+        from torch import nn
+
+        with torch.device("meta"):
+            linear = nn.Linear(shape[1], shape[0], bias=False)
+        p = self.make_parametrization(linear, module)
+        originals = p.right_inverse(linear.weight)
+        base = f"{module}.parametrizations.weight"
+        return [
+            ParamSpec(
+                f"{base}.original{i}", module, role, tuple(t.shape),
+                trainable=role not in p.frozen_roles, method=self.name, is_linear=True,
+            )
+            for i, (role, t) in enumerate(zip(p.roles, originals))
+        ]
 
     def macs_per_token(self, module: str, shape: tuple[int, int]) -> int:
         """Multiply-accumulates per token of the parametrized layer's forward (training FLOPs are
