@@ -19,6 +19,10 @@ DELEGATED = {
 
 
 def _type_name(t) -> str:
+    import typing
+
+    if typing.get_args(t):  # tuple[str, ...], float | None: the full form says more than "tuple"
+        return str(t).replace("typing.", "")
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
 
 
