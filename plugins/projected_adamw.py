@@ -223,6 +223,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
+        self._svd_turn = 0  # next owner of a distributed exact-SVD refresh
         for group in self.param_groups:
             if "proj_rank" in group:
                 for p in group["params"]:
@@ -293,20 +294,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
         group = jobs[0][2].group
         world = dist.get_world_size(group)
         me = dist.get_rank(group)
+        # Owners rotate across chunks, groups and steps (the turn advances identically on every
+        # rank), so a short chunk or a one-matrix group does not always land on rank 0. Which rank
+        # computes a projection does not change it: every owner sees the same full gradient.
         for start in range(0, len(jobs), world):
             chunk = jobs[start : start + world]
-            mine = None
+            owners = [(self._svd_turn + j) % world for j in range(len(chunk))]
+            self._svd_turn = (self._svd_turn + len(chunk)) % world
+            mine: dict[int, torch.Tensor] = {}
             for j, (g, p, rows) in enumerate(chunk):
                 full = p.grad.full_tensor()  # collective: every rank takes part
-                if j == me:
-                    mine = svd_projection(full, int(g["proj_rank"]), std_side(rows.shape))
+                if owners[j] == me:
+                    mine[j] = svd_projection(full, int(g["proj_rank"]), std_side(rows.shape))
                 del full
             for j, (g, p, rows) in enumerate(chunk):
                 m, n = rows.shape
                 r = int(g["proj_rank"])
                 shape = (m, r) if std_side(rows.shape) == "left" else (r, n)
-                buf = mine if j == me else torch.empty(shape, dtype=torch.float32, device=rows.local.device)
-                dist.broadcast(buf, src=dist.get_global_rank(group, j), group=group)
+                buf = mine[j] if j in mine else torch.empty(shape, dtype=torch.float32, device=rows.local.device)
+                dist.broadcast(buf, src=dist.get_global_rank(group, owners[j]), group=group)
                 out[id(p)] = buf
         return out
 
