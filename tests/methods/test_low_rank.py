@@ -139,3 +139,27 @@ def test_targets_select_a_subset():
     model = tiny_model(comp)
     parametrized = {fqn.rsplit(".", 1)[-1] for fqn, mod in model.named_modules() if parametrization_of(mod)}
     assert parametrized == {"wq", "wk", "wv", "wo"}
+
+
+def test_init_does_not_depend_on_activation_checkpoint_wrappers():
+    """torchtitan wraps blocks for activation checkpointing before init: the factors' seeds come
+    from the weight's name without the wrapper's segment, so AC on or off gives the same model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+
+    comp = compose(["low_rank"], {"low_rank": {"rank": 4}})
+    plain = tiny_model(comp)
+    with torch.device("meta"):
+        wrapped = Transformer(TransformerModelArgs(**TINY))
+    comp.apply_parametrizations(wrapped)
+    for key, block in list(wrapped.layers.items()):
+        wrapped.layers[key] = checkpoint_wrapper(block)
+    wrapped.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with comp.capture_init(), torch.no_grad():
+        wrapped.init_weights()
+    comp.init_parametrized(wrapped)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
+    a = {n.replace("._checkpoint_wrapped_module", ""): p for n, p in wrapped.named_parameters()}
+    for name, p in plain.named_parameters():
+        assert torch.equal(a[name], p), name
