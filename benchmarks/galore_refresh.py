@@ -29,7 +29,13 @@ SHAPES = [(2048, 2048), (2048, 5461), (5461, 2048)]
 # LLaMA-1B: per layer wq, wk, wv, wo (2048 x 2048), w1, w3 (5461 x 2048), w2 (2048 x 5461); 24 layers
 COUNTS = {(2048, 2048): 4 * 24, (5461, 2048): 2 * 24, (2048, 5461): 1 * 24}
 RANK = 512
-VARIANTS = [("randomized, 2 power iters (default)", 2, 0), ("randomized, 1 power iter", 1, 0), ("randomized, 2 iters, oversample 16", 2, 16)]
+# (label, power iterations, oversampling, normalizer between iterations)
+VARIANTS = [
+    ("randomized, 2 power iters, LU (default)", 2, 0, "lu"),
+    ("randomized, 2 power iters, QR between iters", 2, 0, "qr"),
+    ("randomized, 1 power iter, LU", 1, 0, "lu"),
+    ("randomized, 2 iters, oversample 16, LU", 2, 16, "lu"),
+]
 
 
 def timed(fn, repeats: int) -> float:
@@ -71,9 +77,12 @@ def bench(repeats: int, device) -> list[dict]:
         randomized_range(rows, RANK, side, power_iters=1)  # warm-up
         svd_s = timed(lambda: svd_projection(grad, RANK, side), max(1, repeats - 1))
         exact = svd_projection(grad, RANK, side)
-        for label, iters, over in VARIANTS:
-            t = timed(lambda: randomized_range(rows, RANK, side, power_iters=iters, oversample=over), repeats)
-            approx = randomized_range(rows, RANK, side, power_iters=iters, oversample=over)
+        for label, iters, over, norm in VARIANTS:
+            def refresh():
+                return randomized_range(rows, RANK, side, power_iters=iters, oversample=over, normalizer=norm)
+
+            t = timed(refresh, repeats)
+            approx = refresh()
             err = captured_energy(grad, approx, exact, side)
             rows_out.append(dict(shape=shape, variant=label, rand_s=t, svd_s=svd_s, err=err))
             print(f"{shape} {label}: {t*1e3:.1f} ms vs SVD {svd_s*1e3:.0f} ms -> {svd_s/t:.1f}x; captured energy vs SVD {err:.4f}", flush=True)
@@ -153,7 +162,7 @@ def main() -> None:
             f"{r['svd_s']/r['rand_s']:.1f}x | {r['err']:.4f} |"
         )
     lines += ["", "Extrapolated to one refresh of all 168 projected matrices of LLaMA-1B:", ""]
-    for label, _, _ in VARIANTS:
+    for label, *_ in VARIANTS:
         tot_r = sum(COUNTS[r["shape"]] * r["rand_s"] for r in results if r["variant"] == label)
         tot_s = sum(COUNTS[r["shape"]] * r["svd_s"] for r in results if r["variant"] == label)
         lines.append(f"- {label}: {tot_r:.1f} s vs full SVD {tot_s:.1f} s ({tot_s/tot_r:.1f}x)")

@@ -33,7 +33,8 @@ Refresh (``proj_method``):
 
 * ``"randomized"`` (default): randomized subspace iteration. A Gaussian sketch (seeded from the
   parameter's position and the step, so every rank draws the same) of width l = r +
-  ``proj_oversample``, ``proj_power_iters`` power iterations (one QR re-orthonormalization each),
+  ``proj_oversample``, ``proj_power_iters`` power iterations (each re-based by an LU factor, cheaper
+  than a QR and enough to keep the columns apart),
   then the basis is rotated onto the sketch's own singular vectors (QR of the d x l sketch, SVD of the
   l x l triangle) so its columns are ordered by estimated singular value, as the SVD's are (Adam is
   not rotation-invariant, so the order and alignment of the basis matter), and the top r are kept.
@@ -148,8 +149,32 @@ class _Rows:
         return DTensor.from_local(local.contiguous(), self.mesh, self.placements, shape=(m, k), stride=(k, 1)).full_tensor()
 
 
-def _orth(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y, mode="reduced").Q
+NORMALIZERS = ("lu", "qr")
+
+
+def _normalize(y: torch.Tensor, normalizer: str) -> torch.Tensor:
+    """A well-conditioned basis of ``y``'s column space, between power iterations.
+
+    ``"lu"`` (default): the row-permuted unit lower-triangular factor ``P L`` of ``y = P L U`` (partial
+    pivoting keeps ``|L| <= 1``), as Halko, Martinsson & Tropp (2011, sec. 4.5) and scikit-learn's
+    ``randomized_range_finder`` do. It only has to stop the columns collapsing onto the top singular
+    vector, not be orthonormal (the last step re-orthonormalizes by QR), and costs about a third of a
+    Householder QR on a tall d x l matrix (docs/benchmarks/galore_refresh.md). ``"qr"``: the Q of QR.
+    """
+    if normalizer == "qr":
+        return torch.linalg.qr(y, mode="reduced").Q
+    # the _ex variant does not raise on a zero pivot (a rank-deficient or all-zero y, e.g. the zero
+    # gradients torch.distributed.checkpoint steps with): L is still unit triangular, so full rank
+    lu, pivots, _ = torch.linalg.lu_factor_ex(y)
+    lower = lu.tril(-1)
+    lower.diagonal().fill_(1.0)
+    # LAPACK pivots (1-based): row i was swapped with row pivots[i], in order; y[perm] = L U.
+    perm = list(range(y.shape[0]))
+    for i, p in enumerate(pivots.tolist()):
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+    out = torch.empty_like(lower)
+    out[torch.tensor(perm, device=y.device)] = lower
+    return out
 
 
 def _leading_left_vectors(y: torch.Tensor, rank: int) -> torch.Tensor:
@@ -161,13 +186,15 @@ def _leading_left_vectors(y: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def randomized_range(
-    rows: _Rows, rank: int, side: str, *, power_iters: int = 2, oversample: int = 0, seed: int = 0
+    rows: _Rows, rank: int, side: str, *, power_iters: int = 2, oversample: int = 0, seed: int = 0,
+    normalizer: str = "lu",
 ) -> torch.Tensor:
     """Top-``rank`` singular subspace of the (row-sharded) gradient by randomized subspace iteration.
 
     Left side: ``Y = (G G^T)^q G Omega`` (m x l, re-orthonormalized once per iteration), right side:
     ``Y = (G^T G)^q G^T Omega`` (n x l); the basis returned is the top-``rank`` left singular vectors of
-    Y (ordered by estimated singular value). Returns P (m x rank, orthonormal columns) for ``"left"``
+    Y (ordered by estimated singular value). Between iterations Y is re-based by ``normalizer`` (see
+    ``_normalize``); the last Y is orthonormalized by QR. Returns P (m x rank, orthonormal columns) for ``"left"``
     and Q (rank x n, orthonormal rows) for ``"right"``; identical on every rank. For a gradient of
     rank <= l = rank + oversample, Y spans its exact column (row) space.
     """
@@ -180,13 +207,13 @@ def randomized_range(
         omega = torch.randn(n, width, generator=gen).to(g.device)
         y = rows.gather_rows(g @ omega)  # G omega, m x l
         for _ in range(power_iters):
-            z = rows.allreduce(g.T @ rows.my_rows(_orth(y)))  # G^T Y, n x l
+            z = rows.allreduce(g.T @ rows.my_rows(_normalize(y, normalizer)))  # G^T Y, n x l
             y = rows.gather_rows(g @ z)  # G G^T Y, m x l
         return _leading_left_vectors(y, rank).contiguous()
     omega = torch.randn(m, width, generator=gen).to(g.device)
     y = rows.allreduce(g.T @ rows.my_rows(omega))  # G^T omega, n x l
     for _ in range(power_iters):
-        y = rows.allreduce(g.T @ (g @ _orth(y)))  # G^T G Y, n x l
+        y = rows.allreduce(g.T @ (g @ _normalize(y, normalizer)))  # G^T G Y, n x l
     return _leading_left_vectors(y, rank).T.contiguous()
 
 
