@@ -82,7 +82,7 @@ class Composition:
                 done[fqn] = m.name
         return list(done)
 
-    def capture_init(self, model=None):
+    def capture_init(self):
         """Context manager around the model's own ``init_weights`` (see parametrization.capture_init)."""
         from registry.parametrization import capture_init
 

@@ -82,7 +82,7 @@ def _wrap_init_weights(model: nn.Module, comp) -> None:
 
     @functools.wraps(original)
     def init_weights(*args, **kwargs):
-        with comp.capture_init(model):
+        with comp.capture_init():
             original(*args, **kwargs)
         comp.init_parametrized(model)
 
