@@ -29,6 +29,7 @@ SHAPES = [(2048, 2048), (2048, 5461), (5461, 2048)]
 # LLaMA-1B: per layer wq, wk, wv, wo (2048 x 2048), w1, w3 (5461 x 2048), w2 (2048 x 5461); 24 layers
 COUNTS = {(2048, 2048): 4 * 24, (5461, 2048): 2 * 24, (2048, 5461): 1 * 24}
 RANK = 512
+KEEP_MARKER = "<!-- written by hand below this line; benchmarks/galore_refresh.py keeps it when it rewrites the file -->"
 # (label, power iterations, oversampling, normalizer between iterations)
 VARIANTS = [
     ("randomized, 2 power iters, LU (default)", 2, 0, "lu"),
@@ -241,6 +242,11 @@ def main() -> None:
             f"| randomized | {losses['randomized'][n // 3 - 1]:.5f} | {losses['randomized'][2 * n // 3 - 1]:.5f} | {lr_:.5f} |",
             f"| exact SVD | {losses['svd'][n // 3 - 1]:.5f} | {losses['svd'][2 * n // 3 - 1]:.5f} | {ls_:.5f} |",
         ]
+    lines += [
+        "",
+        "The same comparison on the language model with the user's command (GaLore and Fira, tiny flavor,",
+        "400 steps): [galore_refresh_training.md](galore_refresh_training.md).",
+    ]
     if real:
         labels = list(real[-1]["energies"])
         lines += [
@@ -266,8 +272,11 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # what people wrote below the marker (readings, the FSDP measurement) survives a re-run
+        kept = out.read_text().split(KEEP_MARKER, 1) if out.exists() else []
+        out.write_text(text + "\n" + KEEP_MARKER + (kept[1] if len(kept) == 2 else "\n"))
 
 
 if __name__ == "__main__":
