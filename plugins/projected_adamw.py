@@ -47,8 +47,8 @@ and computes on each rank, and why:
 * ``randomized``: the gradient is never gathered. Every product with G is done on the local row
   shard G_k, and only thin matrices cross ranks: right side (m >= n): ``G^T X = sum_k G_k^T X_k`` is an
   all-reduce of n x l (1 + power_iters of them), nothing is gathered; left side (m < n): the sketch
-  ``G Z`` is computed row-sharded and all-gathered (m x l) for its QR, ``G^T Y`` is an all-reduce of
-  n x l. Each rank does 1/world of the big matmul FLOPs; only the QRs of (m or n) x l matrices and the
+  ``G Z`` is computed row-sharded and all-gathered (m x l) for its LU / QR, ``G^T Y`` is an all-reduce of
+  n x l. Each rank does 1/world of the big matmul FLOPs; only the LU and QR factorizations of (m or n) x l matrices and the
   l x l SVD are repeated on every rank (O(d l^2), small against the O(m n l) products). Chosen because it splits the expensive part by data and needs no cross-matrix
   scheduling.
 * ``svd``: the full SVD needs the whole matrix, so refreshes are spread *by matrix*: the parameters
@@ -191,7 +191,7 @@ def randomized_range(
 ) -> torch.Tensor:
     """Top-``rank`` singular subspace of the (row-sharded) gradient by randomized subspace iteration.
 
-    Left side: ``Y = (G G^T)^q G Omega`` (m x l, re-orthonormalized once per iteration), right side:
+    Left side: ``Y = (G G^T)^q G Omega`` (m x l, re-based once per iteration), right side:
     ``Y = (G^T G)^q G^T Omega`` (n x l); the basis returned is the top-``rank`` left singular vectors of
     Y (ordered by estimated singular value). Between iterations Y is re-based by ``normalizer`` (see
     ``_normalize``); the last Y is orthonormalized by QR. Returns P (m x rank, orthonormal columns) for ``"left"``
