@@ -47,9 +47,10 @@ and computes on each rank, and why:
 * ``randomized``: the gradient is never gathered. Every product with G is done on the local row
   shard G_k, and only thin matrices cross ranks: right side (m >= n): ``G^T X = sum_k G_k^T X_k`` is an
   all-reduce of n x l (1 + power_iters of them), nothing is gathered; left side (m < n): the sketch
-  ``G Z`` is computed row-sharded and all-gathered (m x l) for its LU / QR, ``G^T Y`` is an all-reduce of
-  n x l. Each rank does 1/world of the big matmul FLOPs; only the LU and QR factorizations of (m or n) x l matrices and the
-  l x l SVD are repeated on every rank (O(d l^2), small against the O(m n l) products). Chosen because it splits the expensive part by data and needs no cross-matrix
+  ``G Z`` is computed row-sharded and all-gathered (m x l) for its LU / QR, ``G^T Y`` is an all-reduce
+  of n x l. Each rank does 1/world of the big matmul FLOPs; only the LU and QR factorizations of
+  (m or n) x l matrices and the l x l SVD are repeated on every rank (O(d l^2), small against the
+  O(m n l) products). Chosen because it splits the expensive part by data and needs no cross-matrix
   scheduling.
 * ``svd``: the full SVD needs the whole matrix, so refreshes are spread *by matrix*: the parameters
   refreshed in a step are taken in chunks of world-size, every rank all-gathers the chunk's gradients
@@ -158,9 +159,11 @@ def _normalize(y: torch.Tensor, normalizer: str) -> torch.Tensor:
     ``"lu"`` (default): the row-permuted unit lower-triangular factor ``P L`` of ``y = P L U`` (partial
     pivoting keeps ``|L| <= 1``), as Halko, Martinsson & Tropp (2011, sec. 4.5) and scikit-learn's
     ``randomized_range_finder`` do. It only has to stop the columns collapsing onto the top singular
-    vector, not be orthonormal (the last step re-orthonormalizes by QR), and costs about a third of a
-    Householder QR on a tall d x l matrix (docs/benchmarks/galore_refresh.md). ``"qr"``: the Q of QR.
+    vector, not be orthonormal (the last step re-orthonormalizes by QR), and costs about a quarter of
+    a Householder QR at 2048 x 512 on CPU (docs/benchmarks/galore_refresh.md). ``"qr"``: the Q of QR.
     """
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer = {normalizer!r}; allowed: {', '.join(NORMALIZERS)}")
     if normalizer == "qr":
         return torch.linalg.qr(y, mode="reduced").Q
     # the _ex variant does not raise on a zero pivot (a rank-deficient or all-zero y, e.g. the zero
@@ -194,8 +197,8 @@ def randomized_range(
     Left side: ``Y = (G G^T)^q G Omega`` (m x l, re-based once per iteration), right side:
     ``Y = (G^T G)^q G^T Omega`` (n x l); the basis returned is the top-``rank`` left singular vectors of
     Y (ordered by estimated singular value). Between iterations Y is re-based by ``normalizer`` (see
-    ``_normalize``); the last Y is orthonormalized by QR. Returns P (m x rank, orthonormal columns) for ``"left"``
-    and Q (rank x n, orthonormal rows) for ``"right"``; identical on every rank. For a gradient of
+    ``_normalize``); the last Y is orthonormalized by QR. Returns P (m x rank, orthonormal columns)
+    for ``"left"`` and Q (rank x n, orthonormal rows) for ``"right"``; identical on every rank. For a gradient of
     rank <= l = rank + oversample, Y spans its exact column (row) space.
     """
     m, n = rows.shape

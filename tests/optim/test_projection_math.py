@@ -243,6 +243,11 @@ def test_refresh_of_an_all_zero_gradient_is_still_an_orthonormal_basis():
         torch.testing.assert_close(basis.T @ basis, torch.eye(3), rtol=0, atol=1e-5)
 
 
+def test_an_unknown_normalizer_is_refused():
+    with pytest.raises(ValueError, match="normalizer = 'cholesky'; allowed: lu, qr"):
+        randomized_range(_Rows(torch.randn(6, 10)), 3, "left", normalizer="cholesky")
+
+
 def test_lu_and_qr_normalizers_give_the_same_refresh():
     """Re-basing between iterations changes the basis, never the subspace, so the refresh agrees."""
     gen = torch.Generator().manual_seed(3)
