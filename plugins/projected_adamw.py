@@ -412,40 +412,38 @@ class ProjectedAdamW(torch.optim.Optimizer):
             exp_avg_sq = self._local(state["exp_avg_sq"])
 
             state["step"] += 1
-            t = float(state["step"].item())
-            exp_avg.lerp_(low.to(exp_avg.dtype), 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(low.to(exp_avg.dtype), low.to(exp_avg.dtype), value=1 - beta2)
+            t = step_before + 1
+            low_m = low.to(exp_avg.dtype)
+            exp_avg.lerp_(low_m, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(low_m, low_m, value=1 - beta2)
             bc1 = 1 - beta1**t
             bc2 = 1 - beta2**t
-            direction = (exp_avg.float() / bc1) / (exp_avg_sq.float().sqrt() / math.sqrt(bc2) + eps)
-
-            if side == "left":
-                update = scale * (p_rows @ direction)
-                back_low = p_rows @ low
-            else:
-                update = scale * (direction @ proj)
-                back_low = low @ proj
-
-            if fira:
-                dim = 0 if side == "left" else 1  # per column (left) / per row (right)
-                phi = direction.norm(dim=dim, keepdim=True) / (low.norm(dim=dim, keepdim=True) + 1e-8)
-                scaled = (g - back_low) * phi
-                c_t = math.sqrt(bc2) / bc1
-                sq = rows.allreduce(scaled.pow(2).sum().reshape(1))
-                norm_ref = sq.sqrt()[0] / c_t
-                prev = state["fira_prev"]
-                # no host sync: the first step after creation or a reset (prev < 0) is not limited
-                limiter = torch.where(
-                    prev >= 0, torch.clamp(norm_ref / (prev + 1e-8), min=gamma) / gamma, torch.ones_like(norm_ref)
-                )
-                scaled = scaled / limiter
-                prev.copy_(norm_ref / limiter)
-                update = update + scaled
+            # Adam(R) = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps), in torch.optim.AdamW's order and with
+            # as few kernels as it allows: the step's host-side cost grows with the kernel count
+            # (benchmarks/optimizer_overhead.py)
+            denom = exp_avg_sq.float().sqrt().div_(math.sqrt(bc2)).add_(eps)
+            direction = exp_avg.float().div(denom).div_(bc1)
+            update = p_rows @ direction if side == "left" else direction @ proj
 
             p_local = self._local(p.data) if rows.dist else p.data
             if wd != 0:
                 p_local.mul_(1 - lr * wd)
-            p_local.add_(update.to(p_local.dtype), alpha=-lr)
+            p_local.add_(update.to(p_local.dtype), alpha=-lr * scale)
+            if fira:
+                dim = 0 if side == "left" else 1  # per column (left) / per row (right)
+                norm = torch.linalg.vector_norm
+                phi = norm(direction, dim=dim, keepdim=True).div_(norm(low, dim=dim, keepdim=True).add_(1e-8))
+                back_low = p_rows @ low if side == "left" else low @ proj
+                scaled = g.sub(back_low).mul_(phi)
+                c_t = math.sqrt(bc2) / bc1
+                norm_ref = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt_().div_(c_t)
+                prev = state["fira_prev"]
+                # limiter = max(||S|| / prev, gamma) / gamma. The first step after creation or a
+                # reset has prev = -1: the ratio is <= 0, the clamp gives gamma and the limiter 1,
+                # so that step is not limited, without a host sync.
+                limiter = torch.clamp(norm_ref / (prev + 1e-8), min=gamma).div_(gamma)
+                prev.copy_(norm_ref / limiter)
+                p_local.addcdiv_(scaled.to(p_local.dtype), limiter, value=-lr)
 
     @torch.no_grad()
     def step(self, closure=None):
