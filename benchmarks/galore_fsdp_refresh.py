@@ -48,7 +48,9 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-from plugins.projected_adamw import ProjectedAdamW, _Rows, randomized_range, svd_projection  # noqa: E402
+from plugins.projected_adamw import ProjectedAdamW  # noqa: E402
+from registry.sharded import RowShards  # noqa: E402
+from registry.subspace import randomized_range, svd_projection  # noqa: E402
 
 SMALL = [(512, 512), (1376, 512), (512, 1376)]  # weight shapes (out x in): right, right, left side
 SMALL_RANK = 128
@@ -151,7 +153,7 @@ class NaiveProjectedAdamW(ProjectedAdamW):
         rank = int(group["proj_rank"])
         if group["proj_method"] == "naive svd":
             return svd_projection(full, rank, side)
-        return randomized_range(_Rows(full), rank, side, power_iters=int(group.get("proj_power_iters", 2)), seed=seed)
+        return randomized_range(RowShards(full), rank, side, power_iters=int(group.get("proj_power_iters", 2)), seed=seed)
 
 
 class Model(nn.Module):

@@ -1,7 +1,7 @@
 """Benchmark: one GaLore projection refresh, randomized range finder vs the reference's full SVD.
 
 At the LLaMA-1B matrix shapes (2048 x 2048 attention, 2048 x 5461 and 5461 x 2048 MLP; rank 512)
-times ``plugins.projected_adamw.randomized_range`` (default settings and variants) against
+times ``registry.subspace.randomized_range`` (default settings and variants) against
 ``torch.linalg.svd`` of the whole fp32 matrix (what the reference GaLore/Fira code runs), extrapolates
 to all 168 matrices of LLaMA-1B, optionally runs a short loss comparison (randomized vs exact SVD
 refresh on a tiny model and synthetic data), and writes ``docs/benchmarks/galore_refresh.md``.
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from plugins.projected_adamw import _Rows, randomized_range, std_side, svd_projection
+from registry.sharded import RowShards
+from registry.subspace import randomized_range, std_side, svd_projection
 
 SHAPES = [(2048, 2048), (2048, 5461), (5461, 2048)]
 # LLaMA-1B: per layer wq, wk, wv, wo (2048 x 2048), w1, w3 (5461 x 2048), w2 (2048 x 5461); 24 layers
@@ -74,7 +75,7 @@ def bench(repeats: int, device) -> list[dict]:
     for shape in SHAPES:
         grad = realistic_gradient(*shape, device)
         side = std_side(shape)
-        rows = _Rows(grad)
+        rows = RowShards(grad)
         randomized_range(rows, RANK, side, power_iters=1)  # warm-up
         svd_s = timed(lambda: svd_projection(grad, RANK, side), max(1, repeats - 1))
         exact = svd_projection(grad, RANK, side)
@@ -164,7 +165,7 @@ def real_gradient_quality(steps: int, gap: int, seed: int = 0) -> list[dict]:
                 side, rank = std_side(tuple(g.shape)), min(g.shape) // 4
                 exact = svd_projection(g, rank, side)
                 for label, iters in REAL_VARIANTS:
-                    approx = randomized_range(_Rows(g), rank, side, power_iters=iters, seed=step)
+                    approx = randomized_range(RowShards(g), rank, side, power_iters=iters, seed=step)
                     energies[label].append(captured_energy(g, approx, exact, side))
                 if name in previous:
                     energies["previous refresh's exact projection"].append(captured_energy(g, previous[name], exact, side))

@@ -3,7 +3,7 @@
 ``update = scale * P Adam(R) + S`` with ``S = (G - P P^T G) * phi``, ``phi = ||Adam(R)|| / ||R||`` per
 column (left projection) or per row (right projection), and S limited so its norm grows by at most
 ``gamma`` (1.01) per step. The math, its one deliberate deviation from the reference code and the
-FSDP2 behaviour are in ``plugins.projected_adamw``. Same memory as GaLore (plus one scalar per matrix).
+FSDP2 behaviour are in docs/methods/galore-fira.md. Same memory as GaLore (plus one scalar per matrix).
 Defaults follow the paper: rank 128, gap 200, scale (the paper's alpha) 0.25 (0.0625 at 1B).
 """
 

@@ -6,7 +6,7 @@ benchmark paper's code ran with SLTrain), the optimizer keeps Adam moments of ``
 refreshes the projection every ``update_proj_gap`` steps from the current gradient (randomized range
 finder by default, exact SVD as an option), and applies the update projected back times ``scale``.
 Every other trainable parameter gets plain AdamW from the same optimizer
-(``plugins.projected_adamw.ProjectedAdamW``; see its docstring for the math and FSDP2 behaviour).
+(``plugins.projected_adamw.ProjectedAdamW``; the math and FSDP2 behaviour: docs/methods/galore-fira.md).
 
 Memory: ``2 r max(m, n)`` moment elements plus ``r min(m, n)`` for the projection per projected
 matrix (GaLore's published 1B figure, 4.76 GB, includes the projections), ``2 numel`` otherwise.
@@ -49,7 +49,7 @@ class GaLoreConfig:
 
 def validate_projection(cfg: Any, section: str) -> None:
     """Range checks shared by galore and fira (errors name the key, value and allowed range)."""
-    from plugins.projected_adamw import PROJ_METHODS
+    from registry.subspace import PROJ_METHODS
 
     check_range(section, "rank", cfg.rank, low=1)
     check_range(section, "update_proj_gap", cfg.update_proj_gap, low=1)
