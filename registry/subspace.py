@@ -53,26 +53,47 @@ def normalize_basis(y: torch.Tensor, normalizer: str) -> torch.Tensor:
     return out
 
 
-def leading_left_vectors(y: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top-``rank`` left singular vectors of the tall thin ``y`` (d x l): ``y = Q R``, then the
-    SVD of the small l x l ``R`` (no squaring of the spectrum, unlike an eigh of ``y^T y``)."""
-    q, r = torch.linalg.qr(y, mode="reduced")
-    u_r = torch.linalg.svd(r, full_matrices=False).U
-    return q @ u_r[:, :rank]
+def canonical_signs(basis: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flip each basis vector so that its largest-magnitude entry is positive.
+
+    Singular vectors are defined up to sign, and Adam is elementwise, so the sign of a basis vector
+    changes the update of every step after a refresh. Both refreshes end here, so they agree on the
+    sign; ties go to the first such entry (``argmax``), and every rank holds the same basis, so
+    every rank flips the same way. ``dim`` is the dimension along which a vector runs (0: columns
+    of P, 1: rows of Q)."""
+    idx = basis.abs().argmax(dim=dim, keepdim=True)
+    signs = torch.sign(basis.gather(dim, idx))
+    signs[signs == 0] = 1
+    return basis * signs
+
+
+def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning the tall thin ``y`` (QR)."""
+    return torch.linalg.qr(y, mode="reduced").Q
 
 
 def randomized_range(
     rows: RowShards, rank: int, side: str, *, power_iters: int = 2, oversample: int = 0, seed: int = 0,
     normalizer: str = "lu",
 ) -> torch.Tensor:
-    """Top-``rank`` singular subspace of the (row-sharded) gradient by randomized subspace iteration.
+    """The top-``rank`` singular vectors of the (row-sharded) gradient by a randomized SVD.
 
-    Left side: ``Y = (G G^T)^q G Omega`` (m x l, re-based once per iteration), right side:
-    ``Y = (G^T G)^q G^T Omega`` (n x l); the basis returned is the top-``rank`` left singular vectors of
-    Y (ordered by estimated singular value). Between iterations Y is re-based by ``normalizer`` (see
-    ``normalize_basis``); the last Y is orthonormalized by QR. Returns P (m x rank, orthonormal columns)
-    for ``"left"`` and Q (rank x n, orthonormal rows) for ``"right"``; identical on every rank. For a gradient of
-    rank <= l = rank + oversample, Y spans its exact column (row) space.
+    Range finder: ``Y = (G G^T)^q G Omega`` (left side, m x l) or ``Y = (G^T G)^q G^T Omega`` (right
+    side, n x l), l = rank + oversample, re-based between iterations by ``normalizer`` (see
+    ``normalize_basis``), then orthonormalized (``Y = Q_Y R``). Then the randomized SVD is finished on
+    G itself, not on the sketch: G's singular vectors are those of the small matrix ``B = Q_Y^T G``
+    (left, l x n) or ``B = G Q_Y`` (right, m x l) rotated back by ``Q_Y``. Adam's update depends on
+    the basis (not only its span), so this is what makes the randomized refresh GaLore's refresh:
+    for a gradient of rank <= l it returns the exact singular vectors, signs fixed by
+    ``canonical_signs`` as the svd refresh's are.
+
+    Row-sharded G (FSDP2): the left sketch ``G Omega`` is gathered (m x l) and ``B = sum_k Q_k^T G_k``
+    is one all-reduce of l x n; on the right ``G^T Y`` is an all-reduce of n x l and the small
+    factor comes from ``B^T B = sum_k B_k^T B_k``, one all-reduce of l x l (in float64, so squaring
+    the spectrum costs no accuracy that matters at fp32). G is never gathered.
+
+    Returns P (m x rank, orthonormal columns) for ``"left"`` and Q (rank x n, orthonormal rows) for
+    ``"right"``; identical on every rank.
     """
     m, n = rows.shape
     g = rows.local
@@ -85,18 +106,28 @@ def randomized_range(
         for _ in range(power_iters):
             z = rows.allreduce(g.T @ rows.my_rows(normalize_basis(y, normalizer)))  # G^T Y, n x l
             y = rows.gather_rows(g @ z)  # G G^T Y, m x l
-        return leading_left_vectors(y, rank).contiguous()
+        q_y = orthonormal_basis(y)  # m x l
+        b = rows.allreduce(rows.my_rows(q_y).T @ g)  # Q_Y^T G, l x n
+        u_b = torch.linalg.svd(b, full_matrices=False).U  # l x l
+        return canonical_signs(q_y @ u_b[:, :rank], dim=0).contiguous()
     omega = torch.randn(m, width, generator=gen).to(g.device)
     y = rows.allreduce(g.T @ rows.my_rows(omega))  # G^T omega, n x l
     for _ in range(power_iters):
         y = rows.allreduce(g.T @ (g @ normalize_basis(y, normalizer)))  # G^T G Y, n x l
-    return leading_left_vectors(y, rank).T.contiguous()
+    q_y = orthonormal_basis(y)  # n x l
+    b = (g @ q_y).double()  # this rank's rows of G Q_Y, m_k x l
+    gram = rows.allreduce(b.T @ b)  # B^T B, l x l
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    v_b = evecs.flip(-1)[:, :rank].to(q_y.dtype)  # right singular vectors of B, by value
+    return canonical_signs((q_y @ v_b).T, dim=1).contiguous()
 
 
 def svd_projection(full: torch.Tensor, rank: int, side: str) -> torch.Tensor:
-    """The reference's refresh: full SVD of the fp32 gradient."""
+    """The reference's refresh: full SVD of the fp32 gradient (signs by ``canonical_signs``)."""
     u, _, vh = torch.linalg.svd(full.float(), full_matrices=False)
-    return (u[:, :rank] if side == "left" else vh[:rank, :]).contiguous()
+    if side == "left":
+        return canonical_signs(u[:, :rank], dim=0).contiguous()
+    return canonical_signs(vh[:rank, :], dim=1).contiguous()
 
 
 def refresh_seed(group_index: int, param_index: int, step: int) -> int:
