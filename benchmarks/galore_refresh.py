@@ -136,16 +136,11 @@ def real_gradient_quality(steps: int, gap: int, seed: int = 0) -> list[dict]:
     import numpy as np
 
     from titan_integration.corpus.prepare import ensure_corpus
-    from titan_integration.flavors import FLAVORS  # before torchtitan: applies the CPU shim
-
-    from torchtitan.models.llama3 import Transformer
+    from titan_integration.flavors import build_model
 
     tokens = np.memmap(ensure_corpus(vocab_size=4096) / "train.bin", dtype=np.uint16, mode="r")
     torch.manual_seed(seed)
-    args = FLAVORS["tiny"]
-    model = Transformer(args)
-    with torch.no_grad():
-        model.init_weights()
+    model = build_model("tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(seed)
     targets = [(n, p) for n, p in model.named_parameters() if p.dim() == 2 and (".attention." in n or ".feed_forward." in n)]

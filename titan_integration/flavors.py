@@ -117,3 +117,18 @@ def check_flavors(flavors: dict[str, TransformerModelArgs]) -> None:
 
 FLAVORS = build_flavors()
 check_flavors(FLAVORS)
+
+
+def build_model(flavor: str):
+    """A dense llama3 ``Transformer`` of ``flavor``, initialized (for benchmarks and studies that
+    need the real model outside the trainer, without importing torchtitan themselves)."""
+    import torch
+
+    from torchtitan.models.llama3 import Transformer
+
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor = {flavor!r} is unknown; flavors: {', '.join(FLAVORS)}")
+    model = Transformer(FLAVORS[flavor])
+    with torch.no_grad():
+        model.init_weights()
+    return model
