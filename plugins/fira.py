@@ -26,6 +26,7 @@ class FiraConfig:
     proj_method: str = "randomized"
     power_iters: int = 2
     oversample: int = 0
+    convention: str = "paper"  # "paper" (the paper's equations) or "reference" (fira 1.0.2's code)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
 

@@ -40,6 +40,7 @@ class GaLoreConfig:
     proj_method: str = "randomized"  # "randomized" (range finder) or "svd" (the reference's)
     power_iters: int = 2
     oversample: int = 0  # extra sketch columns of the range finder (rank + oversample, capped)
+    convention: str = "paper"  # "paper" (the papers' equations) or "reference" (galore-torch 1.0's code)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
 
@@ -49,6 +50,7 @@ class GaLoreConfig:
 
 def validate_projection(cfg: Any, section: str) -> None:
     """Range checks shared by galore and fira (errors name the key, value and allowed range)."""
+    from plugins.projected_adamw import CONVENTIONS
     from registry.subspace import PROJ_METHODS
 
     check_range(section, "rank", cfg.rank, low=1)
@@ -57,6 +59,7 @@ def validate_projection(cfg: Any, section: str) -> None:
     check_choice(section, "proj_method", cfg.proj_method, PROJ_METHODS)
     check_range(section, "power_iters", cfg.power_iters, low=0)
     check_range(section, "oversample", cfg.oversample, low=0)
+    check_choice(section, "convention", cfg.convention, CONVENTIONS)
     if not cfg.targets:
         raise ConfigError(f"[{section}] targets = () is empty; name at least one module pattern")
     if not cfg.roles:
@@ -78,6 +81,7 @@ class GaLore(Method):
             "proj_method": c.proj_method,
             "proj_power_iters": c.power_iters,
             "proj_oversample": c.oversample,
+            "proj_convention": c.convention,
         }
 
     def param_group_options(self, spec: ParamSpec) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ import torch
 from registry.sharded import RowShards
 from registry.subspace import PROJ_METHODS, randomized_range, refresh_seed, std_side, svd_projection
 
-__all__ = ["PROJECTION_KEYS", "PROJ_METHODS", "ProjectedAdamW"]
+__all__ = ["CONVENTIONS", "PROJECTION_KEYS", "PROJ_METHODS", "ProjectedAdamW"]
 
 
 #: group keys that switch a group to projection (set by galore / fira via param_group_options)
@@ -31,7 +31,27 @@ PROJECTION_KEYS = (
     "proj_oversample",
     "fira",
     "fira_gamma",
+    "proj_convention",
 )
+#: "paper": the papers' equations; "reference": the released galore-torch 1.0 / fira 1.0.2 code
+CONVENTIONS = ("paper", "reference")
+def adam_direction(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, bc1: float, bc2: float, eps: float, reference: bool
+) -> torch.Tensor:
+    """The bias-corrected Adam direction of the projected gradient, in fp32.
+
+    Paper (torch.optim.AdamW's order): ``(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)``. Reference
+    (galore-torch / fira): ``m / (sqrt(v) + eps)`` times ``sqrt(bc2) / bc1``, i.e. eps added before
+    the bias correction, which makes it ``eps * sqrt(bc2)`` in the paper's terms: 1.5e-2 relative
+    on GaLore's first step (docs/methods/galore-fira.md). Few kernels on purpose: the step's
+    host-side cost grows with the kernel count (benchmarks/optimizer_overhead.py).
+    """
+    if reference:
+        return exp_avg.float().div(exp_avg_sq.float().sqrt().add_(eps)).mul_(math.sqrt(bc2) / bc1)
+    denom = exp_avg_sq.float().sqrt().div_(math.sqrt(bc2)).add_(eps)
+    return exp_avg.float().div(denom).div_(bc1)
+
+
 # --------------------------------------------------------------------------------------------------
 class ProjectedAdamW(torch.optim.Optimizer):
     """AdamW whose param groups may carry projection options (see the module docstring)."""
@@ -169,6 +189,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         method = group.get("proj_method", "randomized")
         fira = bool(group.get("fira", False))
         gamma = float(group.get("fira_gamma", 1.01))
+        reference = group.get("proj_convention", "paper") == "reference"
 
         live = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
         rows_of = {id(p): RowShards(p.grad) for _, p in live}
@@ -220,15 +241,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
             exp_avg_sq.mul_(beta2).addcmul_(low_m, low_m, value=1 - beta2)
             bc1 = 1 - beta1**t
             bc2 = 1 - beta2**t
-            # Adam(R) = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps), in torch.optim.AdamW's order and with
-            # as few kernels as it allows: the step's host-side cost grows with the kernel count
-            # (benchmarks/optimizer_overhead.py)
-            denom = exp_avg_sq.float().sqrt().div_(math.sqrt(bc2)).add_(eps)
-            direction = exp_avg.float().div(denom).div_(bc1)
+            direction = adam_direction(exp_avg, exp_avg_sq, bc1, bc2, eps, reference)
             update = p_rows @ direction if side == "left" else direction @ proj
 
             p_local = self._local(p.data) if rows.dist else p.data
-            if wd != 0:
+            if wd != 0 and not reference:
                 p_local.mul_(1 - lr * wd)
             p_local.add_(update.to(p_local.dtype), alpha=-lr * scale)
             if fira:
@@ -236,7 +253,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 norm = torch.linalg.vector_norm
                 phi = norm(direction, dim=dim, keepdim=True).div_(norm(low, dim=dim, keepdim=True).add_(1e-8))
                 back_low = p_rows @ low if side == "left" else low @ proj
-                scaled = g.sub(back_low).mul_(phi)
+                # the paper's residual G - P P^T G; the released code subtracts scale * P P^T G
+                scaled = g.sub(back_low, alpha=scale if reference else 1.0).mul_(phi)
                 c_t = math.sqrt(bc2) / bc1
                 norm_ref = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt_().div_(c_t)
                 prev = state["fira_prev"]
@@ -246,6 +264,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 limiter = torch.clamp(norm_ref / (prev + 1e-8), min=gamma).div_(gamma)
                 prev.copy_(norm_ref / limiter)
                 p_local.addcdiv_(scaled.to(p_local.dtype), limiter, value=-lr)
+            if wd != 0 and reference:  # the released code decays the already-updated weight
+                p_local.add_(p_local, alpha=-lr * wd)
 
     @torch.no_grad()
     def step(self, closure=None):

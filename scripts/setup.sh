@@ -23,4 +23,12 @@ if ! .venv/bin/python -c "import registry, pytest, hypothesis, torchtitan, setup
   "${VPIP[@]}" install -q -e '.[test]'
   touch .venv/.slimtrain-installed
 fi
+# The released optimizers the method tests compare against (tests/optim/reference_packages.py).
+# Without their dependencies: they need transformers for one version check and bitsandbytes for an
+# 8-bit variant the tests do not use; the tests import just their optimizer modules.
+REFERENCE_PACKAGES=(galore-torch==1.0 fira==1.0.2)
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('galore_torch') and u.find_spec('fira')))"; then
+  echo "[setup] installing the reference optimizers (no dependencies): ${REFERENCE_PACKAGES[*]}"
+  "${VPIP[@]}" install -q --no-deps "${REFERENCE_PACKAGES[@]}"
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, torchtitan; print("torch", torch.__version__, "torchtitan", getattr(torchtitan, "__version__", "0.2.2"))')"
