@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from titan_integration.corpus import ensure_corpus  # noqa: E402
-from titan_integration.corpus.dataset import TokenFileDataset  # noqa: E402
+from titan_integration.corpus.dataset import TokenFileDataset, corpus_loader  # noqa: E402
 
 
 def _cpu_name() -> str:
@@ -61,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
 
-    from torchtitan.components.dataloader import ParallelAwareDataloader
-
     folder = ensure_corpus(args.data_dir, vocab_size=args.vocab_size)
     path = folder / "train.bin"
 
@@ -71,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bare, _ = measure(dataset, args.seconds, lambda s: s[0]["input"].numel())
     loader, _ = measure(
-        lambda: ParallelAwareDataloader(dataset(), dp_rank=0, dp_world_size=1,
-                                        batch_size=args.batch_size),
+        lambda: corpus_loader(dataset(), batch_size=args.batch_size),
         args.seconds, lambda b: b[0]["input"].numel())
     result = {
         "date": datetime.date.today().isoformat(),

@@ -41,7 +41,7 @@ def _run(code: str, site: Path | None, env_extra: dict[str, str] | None = None) 
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
 
 
-LIST = "from registry.cli import main; main(['list', '--json'])"
+LIST = "from titan_integration.cli import main; main(['list', '--json'])"
 
 
 def _listed(proc) -> dict[str, dict]:
@@ -126,7 +126,7 @@ def test_runtime_plugin_is_gone_after_unregister(fresh_registry):
 
 
 def test_slimtrain_list_text_shows_keys():
-    proc = subprocess.run([sys.executable, "-m", "registry.cli", "list"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "titan_integration.cli", "list"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "adamw  (built-in)" in proc.stdout
     assert "capabilities: memory_estimate, optimizer" in proc.stdout

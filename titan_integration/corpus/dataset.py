@@ -235,6 +235,12 @@ def build_corpus_dataset(dp_world_size: int, dp_rank: int, tokenizer: BaseTokeni
 
 
 # -------------------------------------------------------------------- builders
+def corpus_loader(dataset, batch_size: int, dp_rank: int = 0, dp_world_size: int = 1, **kwargs) -> ParallelAwareDataloader:
+    """torchtitan's checkpointable, rank-aware loader over ``dataset`` (what training uses; the
+    loader benchmark measures it through here, without importing torchtitan itself)."""
+    return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=batch_size, **kwargs)
+
+
 def build_text_dataloader(dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer,
                           job_config: JobConfig, infinite: bool = True
                           ) -> ParallelAwareDataloader:
@@ -252,9 +258,8 @@ def build_text_dataloader(dp_world_size: int, dp_rank: int, tokenizer: BaseToken
         dp_world_size, dp_rank, tokenizer, job_config.training.dataset_path,
         job_config.training.seq_len, "train", infinite, job_config,
         seed=getattr(job_config.debug, "seed", None) or DEFAULT_SEED)
-    kwargs = {**asdict(job_config.training.dataloader),
-              "batch_size": job_config.training.local_batch_size}
-    return ParallelAwareDataloader(ds, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
+    return corpus_loader(ds, job_config.training.local_batch_size, dp_rank, dp_world_size,
+                         **asdict(job_config.training.dataloader))
 
 
 def build_text_validation_dataloader(dp_world_size: int, dp_rank: int,
@@ -271,9 +276,8 @@ def build_text_validation_dataloader(dp_world_size: int, dp_rank: int,
     ds = build_corpus_dataset(
         dp_world_size, dp_rank, tokenizer, job_config.validation.dataset_path,
         job_config.validation.seq_len, "val", infinite, job_config)
-    kwargs = {**asdict(job_config.validation.dataloader),
-              "batch_size": job_config.validation.local_batch_size}
-    return ParallelAwareDataloader(ds, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
+    return corpus_loader(ds, job_config.validation.local_batch_size, dp_rank, dp_world_size,
+                         **asdict(job_config.validation.dataloader))
 
 
 # Aliases for TrainSpec wiring (titan_integration/data.py calls the short names).

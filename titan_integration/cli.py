@@ -1,5 +1,9 @@
 """The ``slimtrain`` command: ``list`` here; heavier subcommands live where their code lives and are
-imported only when asked for, so ``slimtrain list`` never imports torchtitan."""
+imported only when asked for, so ``slimtrain list`` never imports torchtitan.
+
+It lives in titan_integration, not in registry/, because its subcommands (prepare-data, bench,
+memory) are torchtitan code: registry/ imports nothing from here and stays importable with torch
+alone."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import sys
 
 from registry.config import config_defaults, config_types
 
-# subcommand -> "module:function" taking argv (list[str]) and returning an exit code.
+# subcommand -> "module:function" taking argv (list[str]) and returning an exit code (imported
+# only when the subcommand runs).
 DELEGATED = {
     "prepare-data": ("titan_integration.corpus.cli:main", "build the embedded default corpus and tokenizer"),
     "bench": ("titan_integration.bench.cli:main", "run recipes side by side and write tables and plots"),
