@@ -27,13 +27,27 @@ _RESERVED = {
 }
 
 
+def _lists_to_tuples(section: Any) -> None:
+    """``__post_init__`` of every slimtrain section: a TOML list given for a ``tuple[...]`` key
+    becomes a tuple, so the value matches its annotation (tyro warns about the mismatch
+    otherwise, since torchtitan makes TOML values the defaults of its CLI parser)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, list) and typing.get_origin(hints.get(f.name)) is tuple:
+            setattr(section, f.name, tuple(value))
+
+
 @dataclasses.dataclass
 class Slimtrain:
     """The ``[slimtrain]`` section."""
 
-    methods: list[str] = field(default_factory=list)
+    __post_init__ = _lists_to_tuples
+
+    methods: tuple[str, ...] = ()
     """Methods to compose, in order (e.g. ["sltrain", "refactorization", "momentum_reset"]).
-    Empty: full-rank AdamW. On the CLI: --slimtrain.methods sltrain,refactorization"""
+    Empty: full-rank AdamW. On the CLI: --slimtrain.methods sltrain refactorization (or
+    sltrain,refactorization)"""
 
     warmup_fraction: float = -1.0
     """If >= 0, lr_scheduler.warmup_steps is set to round(warmup_fraction * total steps) (total:
@@ -52,6 +66,41 @@ class Slimtrain:
     per validation ({"step", "val_loss", "val_perplexity"}) to this file (resume checks, plots)."""
 
 
+def register_cli_rules() -> None:
+    """Let every ``tuple[str, ...]`` key (``[slimtrain] methods``, methods' ``targets`` and
+    ``roles``) take a TOML list, and on the command line several values, comma- or space-separated
+    (``--slimtrain.methods galore fira``, ``--galore.targets "*.wq,*.wk"``), without warnings.
+
+    Why a rule of our own: torchtitan's rule for ``list[str]`` takes exactly one comma-separated
+    token (``galore fira`` fails with "Unrecognized options"), and tyro warns when a TOML list
+    becomes the default of a tuple-typed key. Rules live in torchtitan's tyro registry, which its
+    ConfigManager uses for parsing; this module is imported (as ``custom_config_module``) before it
+    parses, and torchtitan has no rule of its own for tuples, so this one applies.
+    """
+    from titan_integration import cpu_shim
+
+    cpu_shim.apply()
+    import tyro
+    from torchtitan.config.manager import custom_registry
+
+    if getattr(custom_registry, "_slimtrain_rules", False):
+        return
+
+    @custom_registry.primitive_rule
+    def str_tuple_rule(type_info):
+        if type_info.type != tuple[str, ...]:
+            return None
+        return tyro.constructors.PrimitiveConstructorSpec(
+            nargs="*",
+            metavar="A[,B] [C ...]",
+            instance_from_str=lambda args: tuple(x.strip() for a in args for x in a.split(",") if x.strip()),
+            is_instance=lambda value: isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+            str_from_instance=lambda value: [str(v) for v in value],
+        )
+
+    custom_registry._slimtrain_rules = True
+
+
 def _field_spec(f: dataclasses.Field, annotation: Any) -> tuple[str, Any, dataclasses.Field]:
     if f.default is not dataclasses.MISSING:
         default = f.default
@@ -68,7 +117,7 @@ def _section_class(method_name: str, config_cls: type) -> type:
     hints = typing.get_type_hints(config_cls)
     specs = [_field_spec(f, hints.get(f.name, Any)) for f in dataclasses.fields(config_cls)]
     cls_name = "".join(part.capitalize() for part in method_name.split("_")) + "Section"
-    section = make_dataclass(cls_name, specs)
+    section = make_dataclass(cls_name, specs, namespace={"__post_init__": _lists_to_tuples})
     section.__doc__ = f"[{method_name}] settings (mirrors {config_cls.__module__}.{config_cls.__qualname__})"
     return section
 
@@ -114,4 +163,5 @@ def non_default_keys(job_config: Any, method_name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
 
 
+register_cli_rules()
 JobConfig = build_job_config_class()

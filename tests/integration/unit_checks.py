@@ -138,6 +138,36 @@ def check_cli_overrides_and_unknown_keys():
         raise AssertionError("unknown TOML key accepted")
 
 
+def check_lists_from_toml_and_cli_without_warnings():
+    """Method lists and patterns: a TOML list, or several CLI values (space- or comma-separated),
+    parse to the same tuple and raise no warning from the CLI parser."""
+    import warnings
+
+    from titan_integration import context
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write('[slimtrain]\nmethods = ["galore", "fira"]\n'
+                '[galore]\ntargets = ["*.wq", "*.wk"]\nroles = ["weight"]\n'
+                '[fira]\ntargets = ["*.w1"]\n')
+    cases = {
+        "toml": ["--job.config_file", f.name],
+        "cli, spaces": ["--slimtrain.methods", "galore", "fira", "--galore.targets", "*.wq", "*.wk",
+                        "--fira.targets", "*.w1"],
+        "cli, commas": ["--slimtrain.methods", "galore,fira", "--galore.targets", "*.wq,*.wk",
+                        "--fira.targets", "*.w1"],
+    }
+    for label, args in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cfg = _parse(args)
+        messages = [str(w.message) for w in caught if "annotated with type" in str(w.message)
+                    or "Unrecognized" in str(w.message)]
+        assert not messages, (label, messages)
+        assert tuple(cfg.slimtrain.methods) == ("galore", "fira"), (label, cfg.slimtrain.methods)
+        assert tuple(cfg.galore.targets) == ("*.wq", "*.wk") and tuple(cfg.galore.roles) == ("weight",), label
+        assert context.build_composition(cfg).method_names[:2] == ["galore", "fira"], label
+
+
 def check_every_recipe_composes():
     from titan_integration import context
 
