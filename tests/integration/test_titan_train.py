@@ -192,3 +192,31 @@ def test_train_py_unknown_key_is_an_error(tmp_path):
     assert proc.returncode == 2  # tyro's usage error
     assert "no_such_key" in proc.stdout + proc.stderr
 
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--sltrain.rank", "100000"], r"\[sltrain\] rank = 100000 does not fit"),
+        (["--model.flavor", "nano"], r"\[sltrain\] rank = 128 does not fit .* of shape \(32, 32\)"),
+        (["--slimtrain.methods", "galore", "--galore.rank", "4096", "--model.flavor", "nano"],
+         r"\[galore\] rank = 4096 is out of range"),
+        (["--training.steps", "-1"], r"\[training\] steps = -1"),
+        (["--training.steps", "0"], r"\[training\] steps = 0: a run needs at least one step"),
+    ],
+    ids=["rank-too-big", "rank-vs-nano", "galore-rank", "steps-negative", "steps-zero"],
+)
+def test_train_py_refuses_before_building_anything(tmp_path, args, expected):
+    """Errors that need the flavor's shapes come before torch.distributed, the corpus and the
+    model, and leave no dump folder behind."""
+    import re
+
+    out_dir = tmp_path / "out"
+    proc = python(TRAIN_PY, [
+        "--job.config_file", "plugins/sltrain.toml", "--job.dump_folder", str(out_dir), *args,
+    ], timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert re.search(expected, out), out[-3000:]
+    assert "Building slimtrain_llama" not in out and "embedded corpus ready" not in out
+    assert not out_dir.exists(), sorted(p.name for p in out_dir.rglob("*"))

@@ -1,0 +1,45 @@
+"""Checks that need the model's shapes but not the model: run before anything is built.
+
+Why: a rank that does not fit a layer (``--sltrain.rank 100000``, or 128 on the nano flavor's
+32-wide layers) used to surface only when the converter parametrized the meta model or the
+optimizer was built, after torch.distributed, the corpus and the model were set up (and the dump
+folder written). The flavor's dense LLaMA shapes are known from its arguments alone, so every
+per-layer check of every method runs here on ``ParamSpec``s: each parametrizing method builds its
+parametrization of every targeted shape on the meta device (its own shape checks raise), and every
+param-group method sees the parameters it would select (GaLore's rank check). The trainer also
+refuses run lengths that would train nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from registry import Capability, ConfigError, llama_dense_specs
+from registry.memory import transformed_specs
+
+
+def check_run_length(job_config: Any) -> None:
+    steps = job_config.training.steps
+    if steps <= 0:
+        raise ConfigError(
+            f"[training] steps = {steps}: a run needs at least one step; allowed: an integer >= 1 "
+            f"(--training.steps N)"
+        )
+
+
+def check_shapes(composition, model_args: Any) -> None:
+    """Every per-layer check of ``composition`` on the flavor's shapes (raises ConfigError naming
+    the method, the layer and its shape)."""
+    from titan_integration.flavors import ffn_hidden_dim
+
+    a = model_args
+    dense = llama_dense_specs(a.dim, ffn_hidden_dim(a), a.n_layers, a.vocab_size, a.n_heads, a.n_kv_heads)
+    specs, _ = transformed_specs(composition, dense)  # make_parametrization on every targeted shape
+    for method in composition.with_capability(Capability.PARAM_GROUPS):
+        for spec in specs:
+            method.param_group_options(spec)
+
+
+def check_before_model(job_config: Any, composition, model_args: Any) -> None:
+    check_run_length(job_config)
+    check_shapes(composition, model_args)
