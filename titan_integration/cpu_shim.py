@@ -4,7 +4,7 @@ Why this exists: torchtitan picks ``"cuda"`` when ``torch._utils._get_available_
 finds no accelerator, and then fails at once (``torch._C`` has no ``_cuda_setDevice``). Several of
 its modules copy the device type/module at import time (``torchtitan.tools.utils.device_type``),
 so the fix has to be in place BEFORE ``torchtitan`` is imported; patching torchtitan afterwards is
-too late. Four things are arranged (see ``shared/reference/torchtitan.md``):
+too late. Four things are arranged (each was seen failing without it on torchtitan 0.2.2):
 
 1. the available device type reports ``"cpu"`` (``torch._utils`` is where torchtitan reads it);
 2. torchtitan's device module (``device_module`` globals in torchtitan.tools.utils, metrics,
