@@ -8,7 +8,7 @@ code) is used unchanged. ``ffn_hidden_dim`` recomputes the width with torchtitan
 ``check_flavors`` asserts it against the paper's table at import, so a torchtitan change that moved
 the formula would fail loudly instead of training a different model.
 
-Paper table (shared/reference/methods.md): hidden, FFN, layers, heads; vocab 32000 (T5 tokenizer).
+Paper table (GaLore / SLTrain / Fira papers): hidden, FFN, layers, heads; vocab 32000 (T5 tokenizer).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 from titan_integration.bench import cli as bench_cli
 from titan_integration.bench import memory as memory_cli
 
-# Published 1B figures (shared/reference/methods.md): weights + AdamW moments, bf16, GB.
+# Published 1B figures (GaLore and SLTrain papers, as the benchmark paper reproduces them): weights + AdamW moments, bf16, GB.
 PUBLISHED_1B = {
     "full_rank": 8.03,
     "galore": 4.76,
