@@ -124,3 +124,19 @@ def test_unknown_recipe_is_refused_before_running(tmp_path, capsys):
 )
 def test_runs_at_a_paper_size_take_that_sizes_settings(recipe, flavor, expected):
     assert bench_cli.method_overrides(recipe, flavor, None) == expected
+
+
+def test_memory_of_a_toml_path_uses_its_values_and_says_so(tmp_path, capsys):
+    toml = tmp_path / "my_sltrain.toml"
+    toml.write_text('[slimtrain]\nmethods = ["sltrain"]\n[sltrain]\nrank = 64\n')
+    mine = memory_cli.memory_row(str(toml), "1b")
+    paper = memory_cli.memory_row("sltrain", "1b")
+    assert mine["settings"]["sltrain.rank"] == 64 and paper["settings"]["sltrain.rank"] == 512
+    assert mine["trainable_params"] < paper["trainable_params"]
+    assert mine["differs_from_paper"]["sltrain.rank"] == {"used": 64, "paper": 512}
+    assert not paper["differs_from_paper"]
+    assert memory_cli.main(["--flavor", "1b", "--recipes", f"sltrain,{toml}"]) == 0
+    out = capsys.readouterr().out
+    assert "my_sltrain: its TOML's values: sltrain.rank = 64" in out
+    assert "sltrain.rank 64 (paper: 512)" in out
+    assert "sltrain: the paper's values at this size: sltrain.rank = 512" in out
