@@ -36,6 +36,7 @@ from titan_integration import run_defaults  # noqa: E402  (torch-free)
 
 CUSTOM_CONFIG_MODULE = "titan_integration.job_config"
 TRAIN_SPEC_NAME = "slimtrain_llama"  # == titan_integration.spec.TRAIN_SPEC_NAME (not imported yet)
+CONVERTER_NAME = "slimtrain"  # == titan_integration.converter.CONVERTER_NAME (not imported yet)
 
 
 def _cli_value(argv: list[str], *keys: str) -> str | None:
@@ -61,7 +62,11 @@ def _toml(argv: list[str]) -> dict:
 
 
 def complete_argv(argv: list[str]) -> list[str]:
-    """Add slimtrain's defaults for what neither the TOML nor the CLI sets."""
+    """Add what every slimtrain run needs and its flavor's run scale, where neither the TOML nor
+    the CLI sets it. This is the one place these defaults live (recipes do not repeat them, and
+    the trainer only checks them): ``[job] custom_config_module``, ``[model] name``, the
+    ``slimtrain`` converter in ``[model] converters`` (added to any the user lists), and the CPU
+    flavors' run defaults (run_defaults.py)."""
     argv = list(argv)
     toml = _toml(argv)
     job = toml.get("job", {}) if isinstance(toml.get("job"), dict) else {}
@@ -71,6 +76,11 @@ def complete_argv(argv: list[str]) -> list[str]:
         argv += ["--job.custom_config_module", CUSTOM_CONFIG_MODULE]
     if not (_cli_value(argv, "--model.name") or model.get("name")):
         argv += ["--model.name", TRAIN_SPEC_NAME]
+    converters = _cli_value(argv, "--model.converters")
+    listed = converters.split(",") if converters is not None else list(model.get("converters", []))
+    listed = [c.strip() for c in listed if c.strip()]
+    if CONVERTER_NAME not in listed:
+        argv += ["--model.converters", ",".join([*listed, CONVERTER_NAME])]
     flavor = _cli_value(argv, "--model.flavor") or model.get("flavor")
     extra = run_defaults.extra_args(flavor, argv)
     if extra:

@@ -3,10 +3,11 @@
 Why a subclass (``torchtitan.train.main`` takes the trainer class): the training loop itself stays
 torchtitan's; this adds, in order of the run:
 
-- before anything distributed or any model: the job-config defaults slimtrain relies on
-  (the ``slimtrain`` converter in ``[model] converters``, ``warmup_fraction``, fp32 on CPU), the
-  composition (a bad recipe fails here with the registry's message), and the embedded corpus
-  (prepared on the first run; ranks wait on a file lock);
+- before anything distributed or any model: checks of the job config (the defaults slimtrain
+  needs are added by train.py's ``complete_argv``, their one owner), ``warmup_fraction``, fp32 on
+  CPU, the composition (a bad recipe fails here with the registry's message), the per-layer
+  checks on the flavor's shapes (preflight.py), and the embedded corpus (prepared on the first
+  run; ranks wait on a file lock);
 - after the first optimizer step: a memory breakdown, measured, next to the analytic estimate;
 - at every optimizer step: a finiteness check of the step's loss across ranks BEFORE the
   optimizer applies the update. A NaN/Inf loss stops the run with a message; no checkpoint is
@@ -61,7 +62,10 @@ def prepare_job_config(job_config) -> None:
             f"[model] flavor = {job_config.model.flavor!r} is unknown; flavors: {', '.join(FLAVORS)}"
         )
     if CONVERTER_NAME not in job_config.model.converters:
-        job_config.model.converters.append(CONVERTER_NAME)
+        raise ValueError(
+            f"[model] converters = {list(job_config.model.converters)!r} lacks {CONVERTER_NAME!r}: start "
+            f"runs with titan_integration/train.py, which adds it (and slimtrain's other defaults)"
+        )
     frac = job_config.slimtrain.warmup_fraction
     if frac >= 0:
         if frac > 1:

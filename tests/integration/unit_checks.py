@@ -168,6 +168,31 @@ def check_lists_from_toml_and_cli_without_warnings():
         assert context.build_composition(cfg).method_names[:2] == ["galore", "fira"], label
 
 
+def check_slimtrain_defaults_have_one_owner():
+    """custom_config_module, model.name and the converter come from train.py's complete_argv only:
+    the recipes do not repeat them, a user's own converters keep theirs, and a config without
+    the converter is refused by the trainer instead of being patched a second way."""
+    import glob
+
+    from titan_integration.trainer import prepare_job_config
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "plugins", "*.toml"))):
+        text = open(path).read()
+        for key in ("custom_config_module", 'name = "slimtrain_llama"', "converters"):
+            assert key not in text, (os.path.basename(path), key)
+    cfg = _parse(["--job.config_file", "plugins/sltrain.toml", "--model.converters", "float8"])
+    assert list(cfg.model.converters) == ["float8", "slimtrain"], cfg.model.converters
+    cfg = _parse(["--job.config_file", "plugins/sltrain.toml"])
+    assert list(cfg.model.converters) == ["slimtrain"] and cfg.model.name == "slimtrain_llama"
+    cfg.model.converters = []
+    try:
+        prepare_job_config(cfg)
+    except ValueError as exc:
+        assert "lacks 'slimtrain'" in str(exc)
+    else:
+        raise AssertionError("a config without the slimtrain converter was accepted")
+
+
 def check_every_recipe_composes():
     from titan_integration import context
 
