@@ -8,9 +8,10 @@ schedulers and checkpointing (flattened optimizer state dict) work unchanged.
 
 Step hooks need the TRUE step number, also after a resume. torchtitan's converter post-optimizer
 hook is not given it, so the container registers its own post-step hook and reads the step from
-the LR scheduler: LambdaLR's ``last_epoch`` counts completed scheduler steps, is checkpointed by
-torchtitan, and during optimizer step ``s`` (1-based) it still equals ``s - 1``. No extra state has
-to be saved for hooks to fire at the same steps after a resume.
+its one owner, the LR scheduler: LambdaLR's ``last_epoch`` counts completed scheduler steps, is
+checkpointed by torchtitan, and during optimizer step ``s`` (1-based) it still equals ``s - 1``; the
+LR factors read the same count. No counter of slimtrain's own is kept or saved, so hooks and LR
+factors cannot disagree, before or after a resume.
 
 LR re-warms (ReLoRA restarts, momentum reset) multiply torchtitan's own schedule:
 ``lr(s) = base_lr * schedule(s - 1) * composition.lr_factor(s)``.
@@ -57,8 +58,6 @@ class SlimtrainOptimizersContainer(OptimizersContainer):
         defaults = {"lr": hyper.lr, "betas": hyper.betas, "eps": hyper.eps, "weight_decay": hyper.weight_decay}
         self._post_init(all_params, defaults)
         self._step_source: Callable[[], int] | None = None
-        self._fallback_steps = 0  # only used when no scheduler was attached (not resumable)
-        self.last_hook_step = 0
         self.register_step_post_hook(_run_step_hooks)
 
     def attach_step_source(self, step_source: Callable[[], int]) -> None:
@@ -66,9 +65,12 @@ class SlimtrainOptimizersContainer(OptimizersContainer):
         self._step_source = step_source
 
     def current_step(self) -> int:
-        if self._step_source is not None:
-            return self._step_source()
-        return self._fallback_steps + 1
+        if self._step_source is None:
+            raise RuntimeError(
+                "slimtrain's optimizer container has no step source: build_lr_schedulers attaches "
+                "the LR scheduler's step count, the one owner of the true step number"
+            )
+        return self._step_source()
 
     def describe(self) -> str:
         lines = []
@@ -82,8 +84,6 @@ class SlimtrainOptimizersContainer(OptimizersContainer):
 
 def _run_step_hooks(container: SlimtrainOptimizersContainer, args: Any, kwargs: Any) -> None:
     step = container.current_step()
-    container._fallback_steps += 1
-    container.last_hook_step = step
     container.composition.after_step(
         StepContext(step=step, model_parts=list(container.model_parts), optimizers=list(container.optimizers))
     )

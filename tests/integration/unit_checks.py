@@ -265,6 +265,30 @@ def check_lr_factor_and_true_step_after_resume():
     context.reset()
 
 
+def check_the_true_step_has_one_owner():
+    """Step hooks read the step from the LR scheduler only: a container without one refuses to
+    step rather than counting on its own (a second count that a resume would not restore)."""
+    from registry import compose
+    from torchtitan.config import Optimizer
+
+    from titan_integration import context, optimizer
+
+    context._STATE = context.RunState(job_config=None, composition=compose(["momentum_reset"], {}))
+    try:
+        model = nn.Linear(3, 2)
+        opts = optimizer.build_optimizers([model], Optimizer(lr=0.1, implementation="for-loop"), None)
+        model(torch.ones(1, 3)).sum().backward()
+        try:
+            opts.step()
+        except RuntimeError as exc:
+            assert "no step source" in str(exc), exc
+        else:
+            raise AssertionError("stepped without a step source")
+        assert not hasattr(opts, "_fallback_steps") and not hasattr(opts, "last_hook_step")
+    finally:
+        context.reset()
+
+
 def check_memory_breakdown():
     from titan_integration.memory import measure
 
