@@ -22,7 +22,7 @@ class AdamW(Method):
     name = "adamw"
     summary = "full-rank AdamW on every trainable parameter (the baseline)"
     Config = AdamWConfig
-    provides = frozenset({Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE})
+    provides = frozenset({Capability.OPTIMIZER})
 
     def target_patterns(self) -> tuple[str, ...]:
         return ("*",)

@@ -70,7 +70,7 @@ class GaLore(Method):
     name = "galore"
     summary = "gradient low-rank projection: Adam moments in an r-dim subspace refreshed every T steps"
     Config = GaLoreConfig
-    provides = frozenset({Capability.OPTIMIZER, Capability.PARAM_GROUPS, Capability.MEMORY_ESTIMATE})
+    provides = frozenset({Capability.OPTIMIZER, Capability.PARAM_GROUPS})
 
     def _options(self) -> dict[str, Any]:
         c = self.config

@@ -33,7 +33,42 @@ class Capability(str, enum.Enum):
     PARAM_GROUPS = "param_groups"  # adds options to the param groups of selected params
     STEP_HOOK = "step_hook"  # acts after optimizer steps (after_step), e.g. every N steps
     LR_SCHEDULE = "lr_schedule"  # multiplies the scheduled learning rate (lr_factor)
-    MEMORY_ESTIMATE = "memory_estimate"  # its parameters/optimizer state enter the analytic estimate
+
+
+#: the hook each capability's method must override, and that no method may override without
+#: declaring the capability (the composition calls a hook only for the capabilities declared).
+#: Every method enters the memory estimate through param_specs / state_elements; no capability
+#: is needed for that.
+CAPABILITY_HOOKS: dict[Capability, str] = {
+    Capability.PARAMETRIZATION: "make_parametrization",
+    Capability.OPTIMIZER: "build_optimizer",
+    Capability.PARAM_GROUPS: "param_group_options",
+    Capability.STEP_HOOK: "after_step",
+    Capability.LR_SCHEDULE: "lr_factor",
+}
+#: capabilities that describe a parametrization and so need PARAMETRIZATION
+PARAMETRIZATION_TRAITS = (Capability.FACTORIZED, Capability.FROZEN_BASE)
+
+
+def check_capabilities(cls: type) -> None:
+    """Raise TypeError naming the method when its declared capabilities and its overridden hooks
+    disagree: a declared capability without its hook fails only when that hook is called, and a
+    hook without its capability is silently never called."""
+    problems = []
+    for cap, hook in CAPABILITY_HOOKS.items():
+        overridden = getattr(cls, hook) is not getattr(Method, hook)
+        if cap in cls.provides and not overridden:
+            problems.append(f"declares {cap.name} but does not implement {hook}()")
+        elif overridden and cap not in cls.provides:
+            problems.append(f"implements {hook}() but does not declare {cap.name} in `provides`, so it would never be called")
+    for trait in PARAMETRIZATION_TRAITS:
+        if trait in cls.provides and Capability.PARAMETRIZATION not in cls.provides:
+            problems.append(f"declares {trait.name} without PARAMETRIZATION")
+    unknown = [c for c in cls.provides if not isinstance(c, Capability)]
+    if unknown:
+        problems.append(f"declares unknown capabilities {unknown!r}; allowed: {', '.join(c.name for c in Capability)}")
+    if problems:
+        raise TypeError(f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__}): " + "; ".join(problems))
 
 
 class HookStage(enum.IntEnum):

@@ -129,4 +129,33 @@ def test_slimtrain_list_text_shows_keys():
     proc = subprocess.run([sys.executable, "-m", "titan_integration.cli", "list"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "adamw  (built-in)" in proc.stdout
-    assert "capabilities: memory_estimate, optimizer" in proc.stdout
+    assert "capabilities: optimizer" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "provides,hooks,message",
+    [
+        ({"STEP_HOOK"}, {}, r"declares STEP_HOOK but does not implement after_step\(\)"),
+        (set(), {"lr_factor": lambda self, step: 0.5}, r"implements lr_factor\(\) but does not declare LR_SCHEDULE"),
+        ({"FACTORIZED"}, {}, "declares FACTORIZED without PARAMETRIZATION"),
+    ],
+    ids=["capability-without-hook", "hook-without-capability", "trait-without-parametrization"],
+)
+def test_registration_checks_capabilities_against_hooks(fresh_registry, provides, hooks, message):
+    from registry import Capability, Method, hookimpl
+
+    cls = type("Inconsistent", (Method,), {
+        "name": "inconsistent", "provides": frozenset(Capability[c] for c in provides), **hooks,
+    })
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(cls)
+
+    fresh_registry.register_plugin(Plugin(), name="inconsistent_plugin")
+    try:
+        with pytest.raises(TypeError, match=rf"method 'inconsistent' .*{message}"):
+            fresh_registry.get_methods()
+    finally:
+        fresh_registry.unregister_plugin("inconsistent_plugin")
