@@ -93,7 +93,7 @@ def bench(repeats: int, device) -> list[dict]:
 
 def loss_comparison(steps: int, seed: int = 0) -> dict[str, list[float]]:
     """Tiny MLP regression on synthetic data: GaLore with randomized vs exact-SVD refresh."""
-    from plugins.projected_adamw import ProjectedAdamW
+    from plugins.galore.projected_adamw import ProjectedAdamW
 
     out = {}
     for method in ("randomized", "svd"):

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from plugins.projected_adamw import ProjectedAdamW
+from plugins.galore.projected_adamw import ProjectedAdamW
 
 N_PARAMS = 168  # LLaMA-1B: 24 layers x (wq, wk, wv, wo, w1, w2, w3)
 SHAPE = (16, 32)

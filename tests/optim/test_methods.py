@@ -52,7 +52,7 @@ def test_methods_are_registered_with_their_capabilities():
 
 
 def test_galore_param_groups_project_selected_weights_only():
-    from plugins.projected_adamw import ProjectedAdamW
+    from plugins.galore.projected_adamw import ProjectedAdamW
 
     comp = compose(["galore"], {"galore": {"rank": 8, "update_proj_gap": 5}})
     m = model()

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins.projected_adamw import ProjectedAdamW
+from plugins.galore.projected_adamw import ProjectedAdamW
 from registry.sharded import RowShards as _Rows
 from registry.subspace import normalize_basis as _normalize, randomized_range, std_side, svd_projection
 

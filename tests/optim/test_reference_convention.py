@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugins.projected_adamw import ProjectedAdamW
+from plugins.galore.projected_adamw import ProjectedAdamW
 from registry.subspace import canonical_signs
 from tests.optim import reference_packages as ref
 

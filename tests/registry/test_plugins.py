@@ -159,3 +159,18 @@ def test_registration_checks_capabilities_against_hooks(fresh_registry, provides
             fresh_registry.get_methods()
     finally:
         fresh_registry.unregister_plugin("inconsistent_plugin")
+
+
+def test_every_module_in_plugins_is_a_method_plugin():
+    """plugins/ holds one module (or package) per built-in method, each registering methods;
+    shared machinery lives in registry/ or inside the method that owns it."""
+    import importlib
+    import pkgutil
+
+    import plugins
+    from registry.manager import BUILTIN_PLUGINS
+
+    modules = {f"plugins.{m.name}" for m in pkgutil.iter_modules(plugins.__path__)}
+    assert modules == set(BUILTIN_PLUGINS), sorted(modules ^ set(BUILTIN_PLUGINS))
+    for name in sorted(modules):
+        assert hasattr(importlib.import_module(name), "register_methods"), f"{name} registers no method"

@@ -6,7 +6,7 @@ benchmark paper's code ran with SLTrain), the optimizer keeps Adam moments of ``
 refreshes the projection every ``update_proj_gap`` steps from the current gradient (randomized range
 finder by default, exact SVD as an option), and applies the update projected back times ``scale``.
 Every other trainable parameter gets plain AdamW from the same optimizer
-(``plugins.projected_adamw.ProjectedAdamW``; the math and FSDP2 behaviour: docs/methods/galore-fira.md).
+(``plugins.galore.projected_adamw.ProjectedAdamW``; the math and FSDP2 behaviour: docs/methods/galore-fira.md).
 
 Memory: ``2 r max(m, n)`` moment elements plus ``r min(m, n)`` for the projection per projected
 matrix (GaLore's published 1B figure, 4.76 GB, includes the projections), ``2 numel`` otherwise.
@@ -50,7 +50,7 @@ class GaLoreConfig:
 
 def validate_projection(cfg: Any, section: str) -> None:
     """Range checks shared by galore and fira (errors name the key, value and allowed range)."""
-    from plugins.projected_adamw import CONVENTIONS
+    from plugins.galore.projected_adamw import CONVENTIONS
     from registry.subspace import PROJ_METHODS
 
     check_range(section, "rank", cfg.rank, low=1)
@@ -96,7 +96,7 @@ class GaLore(Method):
         return self._options()
 
     def build_optimizer(self, param_groups: list[dict], hyper: OptimizerHyper) -> torch.optim.Optimizer:
-        from plugins.projected_adamw import ProjectedAdamW
+        from plugins.galore.projected_adamw import ProjectedAdamW
 
         foreach = {"foreach": True, "fused": False, "for-loop": False}.get(hyper.implementation)
         return ProjectedAdamW(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from registry.sharded import RowShards
+from registry.sharded import OwnerRotation, RowShards
 from registry.subspace import PROJ_METHODS, randomized_range, refresh_seed, std_side, svd_projection
 
 __all__ = ["CONVENTIONS", "PROJECTION_KEYS", "PROJ_METHODS", "ProjectedAdamW"]
@@ -75,7 +75,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
-        self._svd_turn = 0  # next owner of a distributed exact-SVD refresh
+        self._svd_owners = OwnerRotation()  # exact-SVD refreshes under FSDP2
         for group in self.param_groups:
             if "proj_rank" in group:
                 for p in group["params"]:
@@ -137,36 +137,16 @@ class ProjectedAdamW(torch.optim.Optimizer):
         return "proj" not in state or int(state["step"].item()) % int(group["proj_gap"]) == 0
 
     def _refresh_svd_distributed(self, jobs: list[tuple[dict, torch.Tensor, RowShards]]) -> dict[int, torch.Tensor]:
-        """Exact SVD refreshes under FSDP2, spread over ranks by matrix (see the module docstring)."""
-        import torch.distributed as dist
+        """Exact SVD refreshes under FSDP2, one owner rank per matrix (``registry.sharded.OwnerRotation``)."""
+        def job(group: dict, p: torch.Tensor, rows: RowShards):
+            m, n = rows.shape
+            r = int(group["proj_rank"])
+            side = std_side(rows.shape)
+            shape = (m, r) if side == "left" else (r, n)
+            return rows, p.grad.full_tensor, lambda full: svd_projection(full, r, side), shape
 
-        out: dict[int, torch.Tensor] = {}
-        if not jobs:
-            return out
-        group = jobs[0][2].group
-        world = dist.get_world_size(group)
-        me = dist.get_rank(group)
-        # Owners rotate across chunks, groups and steps (the turn advances identically on every
-        # rank), so a short chunk or a one-matrix group does not always land on rank 0. Which rank
-        # computes a projection does not change it: every owner sees the same full gradient.
-        for start in range(0, len(jobs), world):
-            chunk = jobs[start : start + world]
-            owners = [(self._svd_turn + j) % world for j in range(len(chunk))]
-            self._svd_turn = (self._svd_turn + len(chunk)) % world
-            mine: dict[int, torch.Tensor] = {}
-            for j, (g, p, rows) in enumerate(chunk):
-                full = p.grad.full_tensor()  # collective: every rank takes part
-                if owners[j] == me:
-                    mine[j] = svd_projection(full, int(g["proj_rank"]), std_side(rows.shape))
-                del full
-            for j, (g, p, rows) in enumerate(chunk):
-                m, n = rows.shape
-                r = int(g["proj_rank"])
-                shape = (m, r) if std_side(rows.shape) == "left" else (r, n)
-                buf = mine[j] if j in mine else torch.empty(shape, dtype=torch.float32, device=rows.local.device)
-                dist.broadcast(buf, src=dist.get_global_rank(group, owners[j]), group=group)
-                out[id(p)] = buf
-        return out
+        results = self._svd_owners.compute([job(*j) for j in jobs])
+        return {id(p): out for (_, p, _), out in zip(jobs, results)}
 
     def compute_projection(self, group: dict, rows: RowShards, side: str, seed: int) -> torch.Tensor:
         """A fresh projection (P, m x r, for the left side; Q, r x n, for the right) from the
