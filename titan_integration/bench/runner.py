@@ -146,7 +146,9 @@ def run(spec: RunSpec, *, timeout_s: float | None = None) -> RunResult:
     read_metrics(metrics, result)
     if rc != 0:
         tail = log_path.read_text().splitlines()[-400:]
-        errors = [ln for ln in tail if "Error" in ln or "error:" in ln]
+        # the run's own error, not torchrun's wrapper around it (ChildFailedError comes last)
+        errors = [ln for ln in tail if ("Error" in ln or "error:" in ln) and "torch.distributed.elastic" not in ln
+                  and not ln.lstrip().startswith("raise ")]
         result.error = (errors[-1].strip() if errors else f"exit code {rc}")[:500]
     elif not result.losses:
         result.ok, result.error = False, "the run wrote no loss"
