@@ -70,18 +70,18 @@ def realistic_gradient(m: int, n: int, device) -> torch.Tensor:
     return ((u * s) @ v.T + 1e-4 * torch.randn(m, n, generator=g)).to(device)
 
 
-def bench(repeats: int, device) -> list[dict]:
+def bench(repeats: int, device, shapes=SHAPES, rank: int = RANK) -> list[dict]:
     rows_out = []
-    for shape in SHAPES:
+    for shape in shapes:
         grad = realistic_gradient(*shape, device)
         side = std_side(shape)
         rows = RowShards(grad)
-        randomized_range(rows, RANK, side, power_iters=1)  # warm-up
-        svd_s = timed(lambda: svd_projection(grad, RANK, side), max(1, repeats - 1))
-        exact = svd_projection(grad, RANK, side)
+        randomized_range(rows, rank, side, power_iters=1)  # warm-up
+        svd_s = timed(lambda: svd_projection(grad, rank, side), max(1, repeats - 1))
+        exact = svd_projection(grad, rank, side)
         for label, iters, over, norm in VARIANTS:
             def refresh():
-                return randomized_range(rows, RANK, side, power_iters=iters, oversample=over, normalizer=norm)
+                return randomized_range(rows, rank, side, power_iters=iters, oversample=over, normalizer=norm)
 
             t = timed(refresh, repeats)
             approx = refresh()
@@ -178,13 +178,17 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=300)
     ap.add_argument("--real-steps", type=int, default=400, help="tiny-LLaMA steps for the real-gradient study (0: skip)")
     ap.add_argument("--real-gap", type=int, default=100)
+    ap.add_argument("--shapes", default=",".join(f"{m}x{n}" for m, n in SHAPES),
+                    help="comma-separated MxN (default: LLaMA-1B's; others skip the 168-matrix extrapolation)")
+    ap.add_argument("--rank", type=int, default=RANK)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs/benchmarks/galore_refresh.md"))
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    results = bench(args.repeats, device)
+    shapes = [tuple(int(x) for x in item.split("x")) for item in args.shapes.split(",") if item]
+    results = bench(args.repeats, device, shapes, args.rank)
     losses = loss_comparison(args.loss_steps) if args.loss_steps > 0 else None
     real = real_gradient_quality(args.real_steps, args.real_gap) if args.real_steps > 0 else None
 
@@ -192,7 +196,7 @@ def main() -> None:
         "# GaLore projection refresh: randomized range finder vs full SVD",
         "",
         f"Run {datetime.date.today().isoformat()} on {dev_name}, torch {torch.__version__}, "
-        f"fp32, rank {RANK}; `benchmarks/galore_refresh.py --repeats {args.repeats}`. Times are the minimum "
+        f"fp32, rank {args.rank}; `benchmarks/galore_refresh.py --repeats {args.repeats}`. Times are the minimum "
         f"over repeats (SVD: {max(1, args.repeats - 1)}); load average at start {load:.1f} (a shared machine: "
         "other jobs ran, so absolute times are noisy, the ratios less so).",
         "",
@@ -217,8 +221,9 @@ def main() -> None:
             f"| {m} x {n} | {r['variant']} | {r['rand_s']*1e3:.0f} ms | {r['svd_s']*1e3:.0f} ms | "
             f"{r['svd_s']/r['rand_s']:.1f}x | {r['err']:.4f} |"
         )
-    lines += ["", "Extrapolated to one refresh of all 168 projected matrices of LLaMA-1B:", ""]
-    for label, *_ in VARIANTS:
+    if set(shapes) == set(SHAPES):
+        lines += ["", "Extrapolated to one refresh of all 168 projected matrices of LLaMA-1B:", ""]
+    for label, *_ in VARIANTS if set(shapes) == set(SHAPES) else ():
         tot_r = sum(COUNTS[r["shape"]] * r["rand_s"] for r in results if r["variant"] == label)
         tot_s = sum(COUNTS[r["shape"]] * r["svd_s"] for r in results if r["variant"] == label)
         lines.append(f"- {label}: {tot_r:.1f} s vs full SVD {tot_s:.1f} s ({tot_s/tot_r:.1f}x)")

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "60M": dict(d=512, f=1376, rank=128, alpha=32.0),
     "1B": dict(d=2048, f=5461, rank=512, alpha=8.0),
+    "nano": dict(d=32, f=86, rank=8, alpha=32.0),  # smoke runs only (gpu_check --cpu-smoke)
 }
 METHODS = ("dense", "low_rank", "lora", "sltrain")
 

@@ -20,6 +20,7 @@ DELEGATED = {
     "prepare-data": ("titan_integration.corpus.cli:main", "build the embedded default corpus and tokenizer"),
     "bench": ("titan_integration.bench.cli:main", "run recipes side by side and write tables and plots"),
     "memory": ("titan_integration.bench.memory:main", "print the analytic memory table of recipes"),
+    "gpu-check": ("titan_integration.gpu_check:main", "measure every GPU goal in one prepared run (<= 9 min)"),
 }
 
 
