@@ -61,6 +61,13 @@ class Slimtrain:
     memory_report: bool = True
     """Log a memory breakdown (parameters, gradients, optimizer state, peak) once, after step 1."""
 
+    cpu_mixed_precision: bool = False
+    """On a machine without a GPU, keep the recipe's mixed precision (FSDP2 parameters in bf16,
+    reduction as [training] says) instead of training in fp32: runs the GPU path on CPU (tests,
+    debugging). Off by default because bf16 matmuls are slow on most CPUs. gloo reduces bf16
+    gradients (checked at 1 and 2 ranks); ``training.dtype`` (full bf16 training without FSDP's
+    mixed precision) stays fp32 on CPU either way."""
+
     loss_log: str = ""
     """If set, rank 0 appends one JSON line per step ({"step", "loss"}, the exact global loss) and
     per validation ({"step", "val_loss", "val_perplexity"}) to this file (resume checks, plots)."""

@@ -70,10 +70,11 @@ def prepare_job_config(job_config) -> None:
             raise ValueError(f"[slimtrain] warmup_fraction = {frac} must be in [0, 1]")
         total = job_config.lr_scheduler.total_steps or job_config.training.steps
         job_config.lr_scheduler.warmup_steps = int(round(frac * total))
-    if cpu_shim.is_active():
+    if cpu_shim.is_active() and not job_config.slimtrain.cpu_mixed_precision:
         for key in ("mixed_precision_param", "mixed_precision_reduce"):
             if getattr(job_config.training, key, "float32") != "float32":
-                log.info("slimtrain: no GPU: training.%s = float32 (bf16 is for GPUs)", key)
+                log.info("slimtrain: no GPU: training.%s = float32 (bf16 is for GPUs; "
+                         "--slimtrain.cpu_mixed_precision keeps it)", key)
                 setattr(job_config.training, key, "float32")
         if job_config.training.dtype != "float32":
             log.info("slimtrain: no GPU: training.dtype = float32")
