@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from registry.parametrization import LinearParametrization
+    from registry.update_rule import UpdateRule
 
 
 class Capability(str, enum.Enum):
@@ -29,7 +30,7 @@ class Capability(str, enum.Enum):
     PARAMETRIZATION = "parametrization"  # replaces selected Linear weights (make_parametrization)
     FACTORIZED = "factorized"  # ... by factors B (m x r), A (r x n) and a scale (refactorization needs it)
     FROZEN_BASE = "frozen_base"  # ... keeping a frozen dense base W0 that factors can merge into
-    OPTIMIZER = "optimizer"  # builds the optimizer (build_optimizer); at most one per parameter
+    OPTIMIZER = "optimizer"  # an update rule for the params it selects (update_rule); one per parameter
     PARAM_GROUPS = "param_groups"  # adds options to the param groups of selected params
     STEP_HOOK = "step_hook"  # acts after optimizer steps (after_step), e.g. every N steps
     LR_SCHEDULE = "lr_schedule"  # multiplies the scheduled learning rate (lr_factor)
@@ -179,6 +180,13 @@ class Method:
         return 0
 
     # -- OPTIMIZER ----------------------------------------------------------------------------
+    def update_rule(self) -> UpdateRule:
+        """The update rule for the parameters ``self.selects(spec)`` picks (``registry.update_rule``).
+
+        The composition builds one optimizer per model part that routes each selected parameter to
+        this rule and every other trainable parameter to the default rule (``adamw``)."""
+        raise NotImplementedError(f"{self.name} declares no update rule")
+
     def build_optimizer(self, param_groups: list[dict], hyper: OptimizerHyper) -> torch.optim.Optimizer:
         """Build one optimizer over ``param_groups`` (which may carry other methods' options)."""
         raise NotImplementedError(f"{self.name} declares no optimizer")
