@@ -34,7 +34,8 @@ class Capability(str, enum.Enum):
     PARAM_GROUPS = "param_groups"  # adds options to the param groups of selected params
     STEP_HOOK = "step_hook"  # acts after optimizer steps (after_step), e.g. every N steps
     LR_SCHEDULE = "lr_schedule"  # multiplies the scheduled learning rate (lr_factor)
-    MEMORY_ESTIMATE = "memory_estimate"  # its parameters/optimizer state enter the analytic estimate
+    MEMORY_ESTIMATE = "memory_estimate"  # derived: declared exactly by PARAMETRIZATION/OPTIMIZER methods,
+    #                                      whose param_specs / rule state the analytic estimate reads
 
 
 class HookStage(enum.IntEnum):
@@ -187,14 +188,6 @@ class Method:
         this rule and every other trainable parameter to the default rule (``adamw``)."""
         raise NotImplementedError(f"{self.name} declares no update rule")
 
-    def build_optimizer(self, param_groups: list[dict], hyper: OptimizerHyper) -> torch.optim.Optimizer:
-        """Build one optimizer over ``param_groups`` (which may carry other methods' options)."""
-        raise NotImplementedError(f"{self.name} declares no optimizer")
-
-    def state_elements(self, spec: ParamSpec) -> int:
-        """Optimizer-state elements this optimizer keeps for ``spec`` (memory estimate)."""
-        return 2 * spec.numel if spec.trainable else 0
-
     # -- PARAM_GROUPS -------------------------------------------------------------------------
     def param_group_options(self, spec: ParamSpec) -> dict[str, Any] | None:
         """Options (scalars/strings only: they are checkpointed) for the group holding ``spec``."""
@@ -209,3 +202,44 @@ class Method:
     def lr_factor(self, step: int) -> float:
         """Factor applied to the scheduled LR at ``step`` (1.0: unchanged)."""
         return 1.0
+
+
+#: the hook each hook-bearing capability stands for (a method declares the capability exactly when it
+#: overrides the hook)
+CAPABILITY_HOOKS: dict[Capability, str] = {
+    Capability.PARAMETRIZATION: "make_parametrization",
+    Capability.OPTIMIZER: "update_rule",
+    Capability.PARAM_GROUPS: "param_group_options",
+    Capability.STEP_HOOK: "after_step",
+    Capability.LR_SCHEDULE: "lr_factor",
+}
+#: hooks of the earlier optimizer contract, replaced by ``update_rule``
+RETIRED_HOOKS = ("build_optimizer", "state_elements")
+
+
+def capability_problems(cls: type[Method]) -> list[str]:
+    """What is inconsistent between ``cls.provides`` and the hooks ``cls`` overrides (empty: fine).
+
+    Checked when a method registers, so a capability declared without its hook (or a hook without
+    its capability, which the composition would never call) fails at once, naming the method."""
+    problems = []
+    provides = set(cls.provides)
+    for cap, hook in CAPABILITY_HOOKS.items():
+        overridden = getattr(cls, hook, None) is not getattr(Method, hook)
+        if overridden and cap not in provides:
+            problems.append(f"overrides {hook}() but does not declare Capability.{cap.name}")
+        if cap in provides and not overridden:
+            problems.append(f"declares Capability.{cap.name} but does not implement {hook}()")
+    for hook in RETIRED_HOOKS:
+        if hasattr(cls, hook):
+            problems.append(f"defines {hook}(), which slimtrain no longer calls: return an UpdateRule from update_rule()")
+    for cap in (Capability.FACTORIZED, Capability.FROZEN_BASE):
+        if cap in provides and Capability.PARAMETRIZATION not in provides:
+            problems.append(f"declares Capability.{cap.name} without Capability.PARAMETRIZATION")
+    feeds_estimate = bool(provides & {Capability.PARAMETRIZATION, Capability.OPTIMIZER})
+    if feeds_estimate != (Capability.MEMORY_ESTIMATE in provides):
+        problems.append(
+            "Capability.MEMORY_ESTIMATE must be declared exactly by methods with PARAMETRIZATION or OPTIMIZER "
+            f"(their parameters and rule state enter the estimate); it is {'missing' if feeds_estimate else 'declared'}"
+        )
+    return problems

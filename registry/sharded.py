@@ -66,3 +66,44 @@ class RowShards:
 
         m, k = self.shape[0], local.shape[1]
         return DTensor.from_local(local.contiguous(), self.mesh, self.placements, shape=(m, k), stride=(k, 1)).full_tensor()
+
+
+class OwnerRanks:
+    """Whole-matrix math on row-sharded gradients, one owner rank per matrix.
+
+    For math that no all-reduce of a small product can give (an exact SVD, Newton-Schulz): the
+    matrices of one step are spread over the ranks in chunks of world size; within a chunk every
+    rank takes part in gathering each matrix (``gather``, a collective), only its owner computes
+    (``compute``), and the owner broadcasts the result to all. Owners rotate across chunks and
+    across calls (``turn`` advances identically on every rank), so a short chunk or a one-matrix
+    group does not always land on rank 0. Unsharded (no process group), everything is computed here.
+    Bytes moved per rank: the gather of each matrix plus the broadcast of each result.
+    """
+
+    def __init__(self) -> None:
+        self.turn = 0
+
+    def run(self, jobs, *, gather, compute, result_shape, group=None, device=None, dtype=torch.float32) -> list:
+        """``[compute(job, gather(job)) for job in jobs]``, each computed on one rank only."""
+        if group is None:
+            return [compute(job, gather(job)) for job in jobs]
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        me = dist.get_rank(group)
+        out: list = [None] * len(jobs)
+        for start in range(0, len(jobs), world):
+            chunk = jobs[start : start + world]
+            owners = [(self.turn + j) % world for j in range(len(chunk))]
+            self.turn = (self.turn + len(chunk)) % world
+            mine = {}
+            for j, job in enumerate(chunk):
+                full = gather(job)  # collective: every rank takes part
+                if owners[j] == me:
+                    mine[j] = compute(job, full).to(dtype).contiguous()
+                del full
+            for j, job in enumerate(chunk):
+                buf = mine[j] if j in mine else torch.empty(result_shape(job), dtype=dtype, device=device)
+                dist.broadcast(buf, src=dist.get_global_rank(group, owners[j]), group=group)
+                out[start + j] = buf
+        return out

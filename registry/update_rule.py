@@ -50,6 +50,7 @@ class StateSpec:
     #                            or "replicate" (identical on every rank); scalars replicate
     init_value: float = 0.0  # value at creation and for OnReset.INIT
     host: bool = False  # a scalar kept on the CPU (a step count torch's non-fused kernels read there)
+    counter: bool = False  # a per-parameter step count (momentum_reset's reset_step = false keeps it)
 
     def __post_init__(self) -> None:
         try:
@@ -105,6 +106,9 @@ class UpdateRule:
 
     method: str = ""  # the owning method's name (errors name it)
     needs_matrix: ClassVar[bool] = True  # refuse non-2-D parameters (error names method + param)
+    #: the trainer's ``optimizer.implementation`` ("foreach", "fused" or "for-loop"), set by the
+    #: composition before the first step; rules with batched kernels honour it
+    implementation: str = "foreach"
 
     def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
         """The state this rule keeps for ``spec`` (GLOBAL shapes), created before the first step."""
@@ -128,5 +132,6 @@ class UpdateRule:
             )
 
     def state_elements(self, spec: ParamSpec) -> int:
-        """State elements kept for ``spec`` (the memory estimate): the declarations' sizes."""
-        return sum(s.numel for s in self.state_specs(spec))
+        """State elements kept for ``spec`` (the memory estimate): the declared tensors' sizes.
+        Scalars (step counts, limiters) are bookkeeping, not state the paper's model counts."""
+        return sum(s.numel for s in self.state_specs(spec) if s.shape)
