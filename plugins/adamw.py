@@ -1,7 +1,11 @@
-"""Full-rank AdamW: the baseline, and the optimizer used when a recipe names no optimizer method.
+"""Full-rank AdamW: the baseline, and the DEFAULT rule of every composition.
 
-It honours every param group's own options (other methods may set ``lr`` or ``weight_decay`` per
-group); unknown group keys are carried along untouched, as torch optimizers do.
+Every trainable parameter that no other optimizer method selects is routed to this rule, so an
+optimizer method never re-implements AdamW for the parameters it does not own. The step is torch's
+own functional AdamW (``torch.optim.adam.adam`` with decoupled weight decay) over all of a group's
+parameters at once: ``foreach``/``fused`` kernels keep the many small parameters (norms, biases)
+cheap, as ``optimizer.implementation`` asks. FSDP2: elementwise on each rank's row shard (state laid
+out ``rows``, like the parameter); no communication.
 """
 
 from __future__ import annotations
@@ -10,19 +14,52 @@ import dataclasses
 
 import torch
 
-from registry import Capability, Method, OptimizerHyper, ParamSpec, hookimpl
-
+from registry import Capability, Method, ParamSpec, hookimpl
+from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 @dataclasses.dataclass(frozen=True)
 class AdamWConfig:
     """AdamW takes its hyperparameters from the trainer's [optimizer] section."""
 
 
+class AdamWRule(UpdateRule):
+    """torch.optim.AdamW's step (same kernels, same numbers) on the parameters routed here."""
+
+    needs_matrix = False
+
+    def __init__(self, method: str = "adamw", implementation: str = "foreach"):
+        self.method = method
+        self.implementation = implementation
+
+    def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
+        # torch's fused kernels read the step on the parameter's device, the others on the host
+        host = self.implementation != "fused"
+        layout = "rows" if spec.shape else "replicate"
+        return [
+            StateSpec("step", (), torch.float32, OnReset.ZERO, host=host, counter=True),
+            StateSpec("exp_avg", spec.shape, None, OnReset.ZERO, moment=True, layout=layout),
+            StateSpec("exp_avg_sq", spec.shape, None, OnReset.ZERO, moment=True, layout=layout),
+        ]
+
+    def step(self, params: list[RuleParam], info: StepInfo) -> None:
+        from torch.optim.adam import adam
+
+        beta1, beta2 = info.betas
+        adam(
+            [p.param for p in params], [p.grad for p in params],
+            [p.state["exp_avg"] for p in params], [p.state["exp_avg_sq"] for p in params], [],
+            [p.state["step"] for p in params],
+            foreach=self.implementation == "foreach", fused=True if self.implementation == "fused" else None,
+            decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=info.lr,
+            weight_decay=info.weight_decay, eps=info.eps, maximize=False,
+        )
+
+
 class AdamW(Method):
     name = "adamw"
-    summary = "full-rank AdamW on every trainable parameter (the baseline)"
+    summary = "full-rank AdamW on every trainable parameter no other optimizer method selects (the default)"
     Config = AdamWConfig
-    provides = frozenset({Capability.OPTIMIZER})
+    provides = frozenset({Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE})
 
     def target_patterns(self) -> tuple[str, ...]:
         return ("*",)
@@ -30,18 +67,11 @@ class AdamW(Method):
     def target_roles(self) -> tuple[str, ...]:
         return ("*",)
 
-    def build_optimizer(self, param_groups: list[dict], hyper: OptimizerHyper) -> torch.optim.Optimizer:
-        kwargs = dict(lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay)
-        if hyper.implementation == "fused":
-            kwargs["fused"] = True
-        elif hyper.implementation == "foreach":
-            kwargs["foreach"] = True
-        else:
-            kwargs["foreach"] = False
-        return torch.optim.AdamW(param_groups, **kwargs)
+    def selects(self, spec: ParamSpec) -> bool:
+        return spec.trainable
 
-    def state_elements(self, spec: ParamSpec) -> int:
-        return 2 * spec.numel if spec.trainable else 0
+    def update_rule(self) -> AdamWRule:
+        return AdamWRule(self.name)
 
 
 @hookimpl

@@ -2,19 +2,20 @@
 
 ``update = scale * P Adam(R) + S`` with ``S = (G - P P^T G) * phi``, ``phi = ||Adam(R)|| / ||R||`` per
 column (left projection) or per row (right projection), and S limited so its norm grows by at most
-``gamma`` (1.01) per step. The math, its one deliberate deviation from the reference code and the
-FSDP2 behaviour are in docs/methods/galore-fira.md. Same memory as GaLore (plus one scalar per matrix).
-Defaults follow the paper: rank 128, gap 200, scale (the paper's alpha) 0.25 (0.0625 at 1B).
+``gamma`` (1.01) per step. The rule is galore's ``ProjectionRule`` with ``fira = True`` (one more
+state scalar, the limiter's previous norm, re-initialized to -1 by a momentum reset). The math, its
+one deliberate deviation from the reference code and the FSDP2 behaviour are in
+docs/methods/galore-fira.md. Defaults follow the paper: rank 128, gap 200, scale (the paper's
+alpha) 0.25 (0.0625 at 1B).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from registry import DEFAULT_TARGETS, check_range, hookimpl
 
-from plugins.galore import GaLore, validate_projection
+from plugins.galore import GaLore, ProjectionRule, validate_projection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,8 @@ class Fira(GaLore):
     summary = "GaLore plus the norm-scaled residual outside the subspace, with a norm-growth limiter"
     Config = FiraConfig
 
-    def _options(self) -> dict[str, Any]:
-        return {**super()._options(), "fira": True, "fira_gamma": self.config.gamma}
+    def update_rule(self) -> ProjectionRule:
+        return ProjectionRule(self.name, **self._rule_options(), fira=True, gamma=self.config.gamma)
 
 
 @hookimpl

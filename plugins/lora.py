@@ -87,7 +87,7 @@ class LoRA(Method):
     summary = "W = W0 + (alpha/r) B A, W0 frozen from the model's own init (ReLoRA with lora_merge)"
     Config = LoRAConfig
     provides = frozenset(
-        {Capability.PARAMETRIZATION, Capability.FACTORIZED, Capability.FROZEN_BASE}
+        {Capability.PARAMETRIZATION, Capability.FACTORIZED, Capability.FROZEN_BASE, Capability.MEMORY_ESTIMATE}
     )
 
     def make_parametrization(self, linear: nn.Linear, fqn: str) -> LoRAParametrization:

@@ -127,7 +127,7 @@ class LowRank(Method):
     name = NAME
     summary = "W = (alpha/r) B A trained from scratch; computes x A^T B^T, never W"
     Config = LowRankConfig
-    provides = frozenset({Capability.PARAMETRIZATION, Capability.FACTORIZED})
+    provides = frozenset({Capability.PARAMETRIZATION, Capability.FACTORIZED, Capability.MEMORY_ESTIMATE})
 
     def make_parametrization(self, linear: nn.Linear, fqn: str) -> LowRankParametrization:
         c = self.config

@@ -1,9 +1,9 @@
 """Momentum reset: every ``every`` steps zero the Adam moments of chosen parameters, then re-warm the LR.
 
-After optimizer step s with ``s % every == 0`` the moments (``exp_avg``, ``exp_avg_sq``, and whatever
-moment tensors the optimizer keeps: an optimizer may list them in a ``moment_keys`` attribute,
-otherwise the usual torch names are used) of the chosen parameters are zeroed in place; never a
-projection matrix or other non-moment state. With ``reset_step`` the step count restarts too, so
+After optimizer step s with ``s % every == 0`` the chosen parameters' optimizer state is reset as each
+update rule DECLARED it (``StateSpec.on_reset``: moments zeroed, projections kept, Fira's limiter
+re-initialized) through ``ComposedOptimizer.reset_state``; this method knows no rule and no state key.
+With ``reset_step`` the per-parameter step counts (declared ``counter=True``) restart too, so
 Adam's bias correction restarts as when the benchmark paper's code re-creates the optimizer (under
 GaLore/Fira this also makes the next step refresh the projection). Then, with ``warmup_steps = K > 0``,
 the LR factor rises linearly over steps s+1 .. s+K from ``warmup_start`` to 1.0:
@@ -27,10 +27,6 @@ import torch
 
 from registry import Capability, ConfigError, HookStage, Method, ParamSpec, StepContext, check_range, hookimpl
 from registry.targets import matches_any
-
-#: moment tensors of torch's optimizers, used when an optimizer declares no ``moment_keys``
-DEFAULT_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum")
-
 
 @dataclasses.dataclass(frozen=True)
 class MomentumResetConfig:
@@ -93,31 +89,18 @@ class MomentumReset(Method):
         return out
 
     def reset(self, params: Iterable[torch.Tensor], optimizers: Iterable) -> int:
-        """Zero the moments (and, with ``reset_step``, the step) of ``params``; returns how many
-        parameters had state reset."""
-        wanted = {id(p) for p in params}
+        """Reset the declared state of ``params`` in every optimizer; returns how many parameters had
+        state reset. Optimizers must be composed ones (they know what each rule declared)."""
+        params = list(params)
         done = 0
         for opt in iter_optimizers(optimizers):
-            keys = tuple(getattr(opt, "moment_keys", DEFAULT_MOMENT_KEYS))
-            restart_values = dict(getattr(opt, "restart_values", {}))
-            for p, state in opt.state.items():
-                if id(p) not in wanted or not state:
-                    continue
-                with torch.no_grad():
-                    for key in keys:
-                        value = state.get(key)
-                        if isinstance(value, torch.Tensor):
-                            value.zero_()
-                    for key, initial in restart_values.items():
-                        value = state.get(key)
-                        if isinstance(value, torch.Tensor):
-                            value.fill_(initial)
-                    if self.config.reset_step and "step" in state:
-                        if isinstance(state["step"], torch.Tensor):
-                            state["step"].zero_()
-                        else:
-                            state["step"] = type(state["step"])(0)
-                done += 1
+            reset_state = getattr(opt, "reset_state", None)
+            if reset_state is None:
+                raise TypeError(
+                    f"[momentum_reset] cannot reset {type(opt).__name__}: only optimizers built by the "
+                    f"composition (ComposedOptimizer) declare their state"
+                )
+            done += reset_state(params, keep_counters=not self.config.reset_step)
         return done
 
     def after_step(self, ctx: StepContext) -> None:

@@ -167,7 +167,7 @@ class SLTrain(Method):
     name = NAME
     summary = "W = (alpha/r) B A + S, S sparse with a fixed random support (density delta)"
     Config = SLTrainConfig
-    provides = frozenset({Capability.PARAMETRIZATION, Capability.FACTORIZED})
+    provides = frozenset({Capability.PARAMETRIZATION, Capability.FACTORIZED, Capability.MEMORY_ESTIMATE})
 
     def _check(self, fqn: str, shape: tuple[int, int]) -> int:
         check_rank(NAME, self.config.rank, fqn, shape)

@@ -9,7 +9,9 @@ The order things apply in is fixed here, never pluggy's registration order:
 1. Parametrizations, in the order the methods are listed (each Linear weight takes at most one).
 2. Factor initialization, after the model's own ``init_weights``, in the same order.
 3. Param-group options, merged from every PARAM_GROUPS method (a key set twice must agree).
-4. The optimizer, built by the one OPTIMIZER method (``adamw`` when none is listed).
+4. ONE optimizer per model part (``registry.composed_optimizer.ComposedOptimizer``): each trainable
+   parameter goes to the update rule of the OPTIMIZER method that selects it (selections must be
+   disjoint), every other one to the default rule (``adamw``, always part of the composition).
 5. Step hooks after each optimizer step: ``HookStage.WEIGHTS`` (refactorization, merges) before
    ``HookStage.OPTIMIZER_STATE`` (momentum reset); within a stage, in list order.
 6. LR factors multiply the trainer's schedule (order-free).
@@ -27,6 +29,8 @@ from registry.method import Capability, Method, OptimizerHyper, ParamSpec, StepC
 from registry.targets import probe_overlap
 
 DEFAULT_OPTIMIZER = "adamw"
+#: param-group keys the composition sets itself (the rule's name, the true step)
+RESERVED_GROUP_KEYS = ("params", "rule", "global_step")
 
 
 @dataclasses.dataclass
@@ -34,6 +38,8 @@ class Composition:
     """A validated, ordered set of configured methods. Build it with ``compose``."""
 
     methods: list[Method]
+    default: Method | None = None  # the default optimizer method when ``methods`` lists none by name
+    _specs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -48,8 +54,37 @@ class Composition:
         return bool(self.with_capability(Capability.PARAMETRIZATION))
 
     @property
+    def default_optimizer(self) -> Method:
+        """The method whose rule takes every parameter no other optimizer method selects."""
+        for m in self.methods:
+            if m.name == DEFAULT_OPTIMIZER:
+                return m
+        if self.default is None:
+            from registry.manager import get_methods
+
+            self.default = get_methods()[DEFAULT_OPTIMIZER].cls()
+        return self.default
+
+    @property
+    def optimizer_methods(self) -> list[Method]:
+        """The OPTIMIZER methods with a selection of their own (all but the default)."""
+        return [m for m in self.with_capability(Capability.OPTIMIZER) if m.name != DEFAULT_OPTIMIZER]
+
+    @property
     def optimizer_method(self) -> Method:
-        return self.with_capability(Capability.OPTIMIZER)[0]
+        """The first non-default optimizer method, else the default (for messages)."""
+        return (self.optimizer_methods or [self.default_optimizer])[0]
+
+    def owner_of(self, spec: ParamSpec) -> Method:
+        """The optimizer method whose rule updates ``spec``: the one that selects it, else the
+        default; two that select it are an error naming both and the parameter."""
+        owners = [m for m in self.optimizer_methods if m.selects(spec)]
+        if len(owners) > 1:
+            raise CompositionError(
+                f"two optimizer methods on the same parameters: {owners[0].name!r} and {owners[1].name!r} "
+                f"both select {spec.name} (role {spec.role!r}); make their `targets` or `roles` disjoint"
+            )
+        return owners[0] if owners else self.default_optimizer
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -118,19 +153,35 @@ class Composition:
         return out
 
     def param_groups(self, model) -> list[dict[str, Any]]:
-        """Trainable parameters grouped by the options the PARAM_GROUPS methods give them."""
+        """Trainable parameters grouped by update rule (group key ``"rule"``) and by the options
+        the PARAM_GROUPS methods give them. Records each parameter's spec for ``build_optimizer``
+        and checks each rule accepts its parameters (errors name the method and parameter)."""
         groups: dict[tuple, dict[str, Any]] = {}
         contributors = self.with_capability(Capability.PARAM_GROUPS)
         specs = self.param_specs(model)
         selected = {m.name: 0 for m in contributors}
+        owned = {m.name: 0 for m in self.optimizer_methods}
+        checkers: dict[str, Any] = {}
         for spec, param in specs:
             if not param.requires_grad:
                 continue
-            options: dict[str, Any] = {}
+            owner = self.owner_of(spec)
+            if owner.name in owned:
+                owned[owner.name] += 1
+                if owner.name not in checkers:
+                    checkers[owner.name] = _rule_of(owner)
+                checkers[owner.name].check(spec)
+            self._specs[param] = spec
+            options: dict[str, Any] = {"rule": owner.name}
             for m in contributors:
                 contributed = m.param_group_options(spec) or {}
                 selected[m.name] += bool(contributed)
                 for key, value in contributed.items():
+                    if key in RESERVED_GROUP_KEYS:
+                        raise CompositionError(
+                            f"[{m.name}] param_group_options sets {key!r}, which the composition owns; "
+                            f"reserved keys: {', '.join(RESERVED_GROUP_KEYS)}"
+                        )
                     if key in options and options[key] != value:
                         raise CompositionError(
                             f"{spec.name}: param-group option {key!r} set to {options[key]!r} and "
@@ -143,10 +194,33 @@ class Composition:
         for m in contributors:
             if not selected[m.name]:
                 raise ConfigError(_selects_nothing(m, specs))
+        for m in self.optimizer_methods:
+            if not owned[m.name]:
+                raise ConfigError(_selects_nothing(m, specs))
         return list(groups.values())
 
-    def build_optimizer(self, param_groups: list[dict[str, Any]], hyper: OptimizerHyper):
-        return self.optimizer_method.build_optimizer(param_groups, hyper)
+    def build_optimizer(self, param_groups: list[dict[str, Any]], hyper: OptimizerHyper, *, codec=None):
+        """One ``ComposedOptimizer`` over ``param_groups`` (from ``param_groups(model)``), each
+        group stepped by its rule; the trainer's hyperparameters apply to every rule alike."""
+        from registry.composed_optimizer import ComposedOptimizer
+
+        rules = {}
+        for group in param_groups:
+            name = group.get("rule", DEFAULT_OPTIMIZER)
+            group["rule"] = name
+            if name not in rules:
+                method = self.default_optimizer if name == self.default_optimizer.name else self.method(name)
+                rule = _rule_of(method)
+                rule.implementation = hyper.implementation
+                rules[name] = rule
+        return ComposedOptimizer(
+            param_groups, rules=rules, specs=self._specs, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
+            weight_decay=hyper.weight_decay, codec=codec,
+        )
+
+    def rule_for(self, spec: ParamSpec):
+        """The update rule that would update ``spec`` (memory estimate; no model needed)."""
+        return _rule_of(self.owner_of(spec))
 
     def step_hooks(self) -> list[Method]:
         hooks = self.with_capability(Capability.STEP_HOOK)
@@ -167,6 +241,14 @@ class Composition:
         from registry.memory import estimate_memory
 
         return estimate_memory(self, weights, **kwargs)
+
+
+def _rule_of(method: Method):
+    """``method.update_rule()`` with its owner's name filled in."""
+    rule = method.update_rule()
+    if not getattr(rule, "method", ""):
+        rule.method = method.name
+    return rule
 
 
 def _selects_nothing(method: Method, specs: list[tuple[ParamSpec, Any]]) -> str:
@@ -229,15 +311,19 @@ def compose(
     if stray:
         raise ConfigError(f"config section(s) {', '.join(stray)} name no installed method")
 
+    if DEFAULT_OPTIMIZER not in classes:
+        raise CompositionError(f"the default optimizer method {DEFAULT_OPTIMIZER!r} is not installed")
     if not any(Capability.OPTIMIZER in classes[n].provides for n in names):
-        if DEFAULT_OPTIMIZER not in classes:
-            raise CompositionError(f"no optimizer method listed and the default {DEFAULT_OPTIMIZER!r} is not installed")
         names.append(DEFAULT_OPTIMIZER)
 
     methods = [classes[n](parse_config(classes[n].Config, sections.get(n), n)) for n in names]
     _check_conflicts(methods)
     _check_requirements(methods, classes)
-    return Composition(methods)
+    default = None
+    if DEFAULT_OPTIMIZER not in names:
+        cls = classes[DEFAULT_OPTIMIZER]
+        default = cls(parse_config(cls.Config, sections.get(DEFAULT_OPTIMIZER), DEFAULT_OPTIMIZER))
+    return Composition(methods, default)
 
 
 def _check_conflicts(methods: list[Method]) -> None:
@@ -247,8 +333,10 @@ def _check_conflicts(methods: list[Method]) -> None:
                 raise CompositionError(f"{a.name!r} conflicts with {b.name!r}: use one of them")
             for cap, what in (
                 (Capability.PARAMETRIZATION, "two parametrizations of the same weight"),
-                (Capability.OPTIMIZER, "two optimizer wrappers on the same parameters"),
+                (Capability.OPTIMIZER, "two optimizer methods on the same parameters"),
             ):
+                if cap is Capability.OPTIMIZER and DEFAULT_OPTIMIZER in (a.name, b.name):
+                    continue  # the default rule takes only what the others leave
                 if cap in a.provides and cap in b.provides:
                     shared = probe_overlap(a.target_patterns(), b.target_patterns())
                     if cap is Capability.OPTIMIZER and not _roles_overlap(a.target_roles(), b.target_roles()):
@@ -256,8 +344,8 @@ def _check_conflicts(methods: list[Method]) -> None:
                     if shared:
                         raise CompositionError(
                             f"{what}: {a.name!r} and {b.name!r} both target "
-                            f"{', '.join(s.rsplit('.', 1)[-1] for s in shared)}; "
-                            f"keep one or make their `targets` disjoint"
+                            f"{', '.join(dict.fromkeys(s.rsplit('.', 1)[-1] for s in shared))}; "
+                            f"keep one or make their `targets` (or `roles`) disjoint"
                         )
 
 

@@ -18,7 +18,7 @@ import pluggy
 
 from registry import hookspecs
 from registry.errors import CompositionError
-from registry.method import Method, check_capabilities
+from registry.method import Method, capability_problems
 
 ENTRY_POINT_GROUP = "slimtrain"
 LOAD_PLUGINS_ENV = "SLIMTRAIN_LOAD_PLUGINS"
@@ -102,7 +102,11 @@ def collect_methods(pm: pluggy.PluginManager) -> dict[str, MethodInfo]:
         def register(cls: type[Method], _plugin_name: str = plugin_name) -> None:
             if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
                 raise TypeError(f"plugin {_plugin_name!r} registered {cls!r}: expected a named Method subclass")
-            check_capabilities(cls)
+            problems = capability_problems(cls)
+            if problems:
+                raise CompositionError(
+                    f"method {cls.name!r} (plugin {_plugin_name!r}) {'; '.join(problems)}"
+                )
             if cls.name in methods:
                 other = methods[cls.name]
                 raise CompositionError(

@@ -3,8 +3,9 @@
 The model is the benchmark paper's: every weight and every optimizer-state element costs
 ``bytes_per_element`` (2 for bf16), frozen weights included; extra buffers such as SLTrain's int64
 support index are counted separately. Each parametrizing method says which parameters replace a
-dense weight (``param_specs``) and what buffers it adds (``extra_bytes``); the optimizer method
-says how much state it keeps per parameter (``state_elements``). The same hooks serve the
+dense weight (``param_specs``) and what buffers it adds (``extra_bytes``); each parameter's optimizer
+state is what its OWN update rule declares for it (``UpdateRule.state_specs``), so two optimizer
+methods are each counted on their own parameters. The same hooks serve the
 ``slimtrain memory`` table and the tests that check them against real (meta-device) models.
 """
 
@@ -59,14 +60,28 @@ def transformed_specs(composition, dense: Iterable[ParamSpec]) -> tuple[list[Par
 
 def estimate_memory(composition, dense: Iterable[ParamSpec], *, bytes_per_element: int = 2) -> MemoryEstimate:
     specs, extra = transformed_specs(composition, dense)
-    optimizer = composition.optimizer_method
     return MemoryEstimate(
         weight_params=sum(s.numel for s in specs),
         trainable_params=sum(s.numel for s in specs if s.trainable),
-        optimizer_state_elements=sum(optimizer.state_elements(s) for s in specs if s.trainable),
+        optimizer_state_elements=optimizer_state_elements(composition, specs),
         extra_bytes=extra,
         bytes_per_element=bytes_per_element,
     )
+
+
+def optimizer_state_elements(composition, specs: Iterable[ParamSpec]) -> int:
+    """Sum over trainable parameters of the state their own rule declares (one rule per owner)."""
+    rules: dict[str, object] = {}
+    total = 0
+    for spec in specs:
+        if not spec.trainable:
+            continue
+        owner = composition.owner_of(spec)
+        rule = rules.get(owner.name)
+        if rule is None:
+            rule = rules[owner.name] = owner.update_rule()
+        total += rule.state_elements(spec)
+    return total
 
 
 def llama_dense_specs(dim: int, ffn: int, layers: int, vocab: int, heads: int, kv_heads: int | None = None) -> list[ParamSpec]:

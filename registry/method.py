@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from registry.parametrization import LinearParametrization
+    from registry.update_rule import UpdateRule
 
 
 class Capability(str, enum.Enum):
@@ -29,46 +30,12 @@ class Capability(str, enum.Enum):
     PARAMETRIZATION = "parametrization"  # replaces selected Linear weights (make_parametrization)
     FACTORIZED = "factorized"  # ... by factors B (m x r), A (r x n) and a scale (refactorization needs it)
     FROZEN_BASE = "frozen_base"  # ... keeping a frozen dense base W0 that factors can merge into
-    OPTIMIZER = "optimizer"  # builds the optimizer (build_optimizer); at most one per parameter
+    OPTIMIZER = "optimizer"  # an update rule for the params it selects (update_rule); one per parameter
     PARAM_GROUPS = "param_groups"  # adds options to the param groups of selected params
     STEP_HOOK = "step_hook"  # acts after optimizer steps (after_step), e.g. every N steps
     LR_SCHEDULE = "lr_schedule"  # multiplies the scheduled learning rate (lr_factor)
-
-
-#: the hook each capability's method must override, and that no method may override without
-#: declaring the capability (the composition calls a hook only for the capabilities declared).
-#: Every method enters the memory estimate through param_specs / state_elements; no capability
-#: is needed for that.
-CAPABILITY_HOOKS: dict[Capability, str] = {
-    Capability.PARAMETRIZATION: "make_parametrization",
-    Capability.OPTIMIZER: "build_optimizer",
-    Capability.PARAM_GROUPS: "param_group_options",
-    Capability.STEP_HOOK: "after_step",
-    Capability.LR_SCHEDULE: "lr_factor",
-}
-#: capabilities that describe a parametrization and so need PARAMETRIZATION
-PARAMETRIZATION_TRAITS = (Capability.FACTORIZED, Capability.FROZEN_BASE)
-
-
-def check_capabilities(cls: type) -> None:
-    """Raise TypeError naming the method when its declared capabilities and its overridden hooks
-    disagree: a declared capability without its hook fails only when that hook is called, and a
-    hook without its capability is silently never called."""
-    problems = []
-    for cap, hook in CAPABILITY_HOOKS.items():
-        overridden = getattr(cls, hook) is not getattr(Method, hook)
-        if cap in cls.provides and not overridden:
-            problems.append(f"declares {cap.name} but does not implement {hook}()")
-        elif overridden and cap not in cls.provides:
-            problems.append(f"implements {hook}() but does not declare {cap.name} in `provides`, so it would never be called")
-    for trait in PARAMETRIZATION_TRAITS:
-        if trait in cls.provides and Capability.PARAMETRIZATION not in cls.provides:
-            problems.append(f"declares {trait.name} without PARAMETRIZATION")
-    unknown = [c for c in cls.provides if not isinstance(c, Capability)]
-    if unknown:
-        problems.append(f"declares unknown capabilities {unknown!r}; allowed: {', '.join(c.name for c in Capability)}")
-    if problems:
-        raise TypeError(f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__}): " + "; ".join(problems))
+    MEMORY_ESTIMATE = "memory_estimate"  # derived: declared exactly by PARAMETRIZATION/OPTIMIZER methods,
+    #                                      whose param_specs / rule state the analytic estimate reads
 
 
 class HookStage(enum.IntEnum):
@@ -214,13 +181,12 @@ class Method:
         return 0
 
     # -- OPTIMIZER ----------------------------------------------------------------------------
-    def build_optimizer(self, param_groups: list[dict], hyper: OptimizerHyper) -> torch.optim.Optimizer:
-        """Build one optimizer over ``param_groups`` (which may carry other methods' options)."""
-        raise NotImplementedError(f"{self.name} declares no optimizer")
+    def update_rule(self) -> UpdateRule:
+        """The update rule for the parameters ``self.selects(spec)`` picks (``registry.update_rule``).
 
-    def state_elements(self, spec: ParamSpec) -> int:
-        """Optimizer-state elements this optimizer keeps for ``spec`` (memory estimate)."""
-        return 2 * spec.numel if spec.trainable else 0
+        The composition builds one optimizer per model part that routes each selected parameter to
+        this rule and every other trainable parameter to the default rule (``adamw``)."""
+        raise NotImplementedError(f"{self.name} declares no update rule")
 
     # -- PARAM_GROUPS -------------------------------------------------------------------------
     def param_group_options(self, spec: ParamSpec) -> dict[str, Any] | None:
@@ -236,3 +202,44 @@ class Method:
     def lr_factor(self, step: int) -> float:
         """Factor applied to the scheduled LR at ``step`` (1.0: unchanged)."""
         return 1.0
+
+
+#: the hook each hook-bearing capability stands for (a method declares the capability exactly when it
+#: overrides the hook)
+CAPABILITY_HOOKS: dict[Capability, str] = {
+    Capability.PARAMETRIZATION: "make_parametrization",
+    Capability.OPTIMIZER: "update_rule",
+    Capability.PARAM_GROUPS: "param_group_options",
+    Capability.STEP_HOOK: "after_step",
+    Capability.LR_SCHEDULE: "lr_factor",
+}
+#: hooks of the earlier optimizer contract, replaced by ``update_rule``
+RETIRED_HOOKS = ("build_optimizer", "state_elements")
+
+
+def capability_problems(cls: type[Method]) -> list[str]:
+    """What is inconsistent between ``cls.provides`` and the hooks ``cls`` overrides (empty: fine).
+
+    Checked when a method registers, so a capability declared without its hook (or a hook without
+    its capability, which the composition would never call) fails at once, naming the method."""
+    problems = []
+    provides = set(cls.provides)
+    for cap, hook in CAPABILITY_HOOKS.items():
+        overridden = getattr(cls, hook, None) is not getattr(Method, hook)
+        if overridden and cap not in provides:
+            problems.append(f"overrides {hook}() but does not declare Capability.{cap.name}")
+        if cap in provides and not overridden:
+            problems.append(f"declares Capability.{cap.name} but does not implement {hook}()")
+    for hook in RETIRED_HOOKS:
+        if hasattr(cls, hook):
+            problems.append(f"defines {hook}(), which slimtrain no longer calls: return an UpdateRule from update_rule()")
+    for cap in (Capability.FACTORIZED, Capability.FROZEN_BASE):
+        if cap in provides and Capability.PARAMETRIZATION not in provides:
+            problems.append(f"declares Capability.{cap.name} without Capability.PARAMETRIZATION")
+    feeds_estimate = bool(provides & {Capability.PARAMETRIZATION, Capability.OPTIMIZER})
+    if feeds_estimate != (Capability.MEMORY_ESTIMATE in provides):
+        problems.append(
+            "Capability.MEMORY_ESTIMATE must be declared exactly by methods with PARAMETRIZATION or OPTIMIZER "
+            f"(their parameters and rule state enter the estimate); it is {'missing' if feeds_estimate else 'declared'}"
+        )
+    return problems

@@ -9,13 +9,9 @@ and sharded alike:
 * ``allreduce``: sums a per-shard product, e.g. ``G^T X = sum_k G_k^T X_k`` (n x l, small);
 * ``gather_rows``: the full m x k matrix whose rows are spread like G's (for thin matrices only);
 * ``my_rows``: this rank's rows of a replicated m x k matrix.
-
-Math that needs the whole matrix runs on one owner rank per matrix instead (``OwnerRotation``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -72,48 +68,42 @@ class RowShards:
         return DTensor.from_local(local.contiguous(), self.mesh, self.placements, shape=(m, k), stride=(k, 1)).full_tensor()
 
 
-class OwnerRotation:
-    """Whole-matrix math under FSDP2, spread over ranks by matrix, for what needs the full matrix
-    (an exact SVD, Newton-Schulz): the matrices of one step are taken in chunks of world size;
-    for each chunk every rank takes part in gathering each matrix (the collective needs all), the
-    chunk's j-th matrix is computed on one owner only, and each result is broadcast from its owner.
-    Each rank computes 1/world of the matrices. Owners rotate across chunks, calls and steps (the
-    turn advances identically on every rank), so a short chunk or a one-matrix group does not
-    always land on rank 0. Which rank computes a result does not change it: every owner sees the
-    same full matrix.
+class OwnerRanks:
+    """Whole-matrix math on row-sharded gradients, one owner rank per matrix.
+
+    For math that no all-reduce of a small product can give (an exact SVD, Newton-Schulz): the
+    matrices of one step are spread over the ranks in chunks of world size; within a chunk every
+    rank takes part in gathering each matrix (``gather``, a collective), only its owner computes
+    (``compute``), and the owner broadcasts the result to all. Owners rotate across chunks and
+    across calls (``turn`` advances identically on every rank), so a short chunk or a one-matrix
+    group does not always land on rank 0. Unsharded (no process group), everything is computed here.
+    Bytes moved per rank: the gather of each matrix plus the broadcast of each result.
     """
 
     def __init__(self) -> None:
         self.turn = 0
 
-    def compute(
-        self,
-        jobs: list[tuple[RowShards, Callable[[], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], tuple[int, ...]]],
-    ) -> list[torch.Tensor]:
-        """``jobs``: (rows, gather_full, fn, out_shape) per matrix, all on the same process group;
-        ``gather_full()`` is a collective returning the full matrix, ``fn(full)`` the fp32 result of
-        shape ``out_shape``. Returns the results in order, identical on every rank."""
+    def run(self, jobs, *, gather, compute, result_shape, group=None, device=None, dtype=torch.float32) -> list:
+        """``[compute(job, gather(job)) for job in jobs]``, each computed on one rank only."""
+        if group is None:
+            return [compute(job, gather(job)) for job in jobs]
         import torch.distributed as dist
 
-        if not jobs:
-            return []
-        group = jobs[0][0].group
-        world, me = dist.get_world_size(group), dist.get_rank(group)
-        out: list[torch.Tensor] = []
+        world = dist.get_world_size(group)
+        me = dist.get_rank(group)
+        out: list = [None] * len(jobs)
         for start in range(0, len(jobs), world):
             chunk = jobs[start : start + world]
             owners = [(self.turn + j) % world for j in range(len(chunk))]
             self.turn = (self.turn + len(chunk)) % world
-            mine: dict[int, torch.Tensor] = {}
-            for j, (_, gather_full, fn, _) in enumerate(chunk):
-                full = gather_full()
+            mine = {}
+            for j, job in enumerate(chunk):
+                full = gather(job)  # collective: every rank takes part
                 if owners[j] == me:
-                    mine[j] = fn(full).contiguous()
+                    mine[j] = compute(job, full).to(dtype).contiguous()
                 del full
-            for j, (rows, _, _, shape) in enumerate(chunk):
-                buf = mine.get(j)
-                if buf is None:
-                    buf = torch.empty(shape, dtype=torch.float32, device=rows.local.device)
+            for j, job in enumerate(chunk):
+                buf = mine[j] if j in mine else torch.empty(result_shape(job), dtype=dtype, device=device)
                 dist.broadcast(buf, src=dist.get_global_rank(group, owners[j]), group=group)
-                out.append(buf)
+                out[start + j] = buf
         return out

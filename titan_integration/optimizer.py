@@ -1,17 +1,14 @@
 """Optimizer and LR-scheduler builders for the slimtrain train spec.
 
 Why not torchtitan's ``build_optimizers``: it puts every parameter in ONE param group and knows
-only Adam/AdamW. Here the composition builds the param groups (methods add per-group options) and
-the optimizer (GaLore/Fira wrap AdamW; the default is plain AdamW), wrapped in an
+only Adam/AdamW. Here the composition builds ONE ``ComposedOptimizer`` per model part (each
+parameter stepped by its method's update rule, the rest by the default AdamW rule), wrapped in an
 ``OptimizersContainer`` subclass that still calls ``_post_init`` so torchtitan's step hooks, LR
 schedulers and checkpointing (flattened optimizer state dict) work unchanged.
 
-Step hooks need the TRUE step number, also after a resume. torchtitan's converter post-optimizer
-hook is not given it, so the container registers its own post-step hook and reads the step from
-its one owner, the LR scheduler: LambdaLR's ``last_epoch`` counts completed scheduler steps, is
-checkpointed by torchtitan, and during optimizer step ``s`` (1-based) it still equals ``s - 1``; the
-LR factors read the same count. No counter of slimtrain's own is kept or saved, so hooks and LR
-factors cannot disagree, before or after a resume.
+The true step number has ONE owner: the composed optimizer's ``global_step`` (completed steps, kept
+in its param groups, so torchtitan's checkpoint restores it). Rules read it through ``StepInfo``;
+the container's post-step hook hands it to the composition's step hooks; nothing else counts.
 
 LR re-warms (ReLoRA restarts, momentum reset) multiply torchtitan's own schedule:
 ``lr(s) = base_lr * schedule(s - 1) * composition.lr_factor(s)``.
@@ -20,7 +17,7 @@ LR re-warms (ReLoRA restarts, momentum reset) multiply torchtitan's own schedule
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from titan_integration import cpu_shim
 
@@ -57,33 +54,26 @@ class SlimtrainOptimizersContainer(OptimizersContainer):
         self._validate_length(len(model_parts))
         defaults = {"lr": hyper.lr, "betas": hyper.betas, "eps": hyper.eps, "weight_decay": hyper.weight_decay}
         self._post_init(all_params, defaults)
-        self._step_source: Callable[[], int] | None = None
         self.register_step_post_hook(_run_step_hooks)
 
-    def attach_step_source(self, step_source: Callable[[], int]) -> None:
-        """``step_source()`` returns the 1-based number of the optimizer step being taken."""
-        self._step_source = step_source
+    @property
+    def global_step(self) -> int:
+        """Completed optimizer steps, from the one owner (the first part's composed optimizer)."""
+        return self.optimizers[0].global_step
 
     def current_step(self) -> int:
-        if self._step_source is None:
-            raise RuntimeError(
-                "slimtrain's optimizer container has no step source: build_lr_schedulers attaches "
-                "the LR scheduler's step count, the one owner of the true step number"
-            )
-        return self._step_source()
+        """The 1-based number of the next optimizer step."""
+        return self.global_step + 1
 
     def describe(self) -> str:
         lines = []
         for i, opt in enumerate(self.optimizers):
-            sizes = [sum(p.numel() for p in g["params"]) for g in opt.param_groups]
-            opts = [{k: v for k, v in g.items() if k != "params" and k not in self.hyper.__dict__} for g in opt.param_groups]
-            lines.append(f"part {i}: {type(opt).__name__}, {len(opt.param_groups)} param groups "
-                         f"(elements {sizes}, extra options {opts})")
+            lines.append(f"part {i}: {type(opt).__name__}, {len(opt.param_groups)} param groups ({opt.describe()})")
         return "\n".join(lines)
 
 
 def _run_step_hooks(container: SlimtrainOptimizersContainer, args: Any, kwargs: Any) -> None:
-    step = container.current_step()
+    step = container.global_step  # the step just taken
     container.composition.after_step(
         StepContext(step=step, model_parts=list(container.model_parts), optimizers=list(container.optimizers))
     )
@@ -135,8 +125,4 @@ def build_lr_schedulers(optimizers, lr_scheduler_config, training_steps: int) ->
         for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * fn(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-
-    if isinstance(optimizers, SlimtrainOptimizersContainer):
-        first = container.schedulers[0]
-        optimizers.attach_step_source(lambda: first.last_epoch + 1)
     return container

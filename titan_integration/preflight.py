@@ -5,9 +5,10 @@ Why: a rank that does not fit a layer (``--sltrain.rank 100000``, or 128 on the 
 optimizer was built, after torch.distributed, the corpus and the model were set up (and the dump
 folder written). The flavor's dense LLaMA shapes are known from its arguments alone, so every
 per-layer check of every method runs here on ``ParamSpec``s: each parametrizing method builds its
-parametrization of every targeted shape on the meta device (its own shape checks raise), and every
-param-group method sees the parameters it would select (GaLore's rank check). The trainer also
-refuses run lengths that would train nothing.
+parametrization of every targeted shape on the meta device (its own shape checks raise), every
+optimizer method's update rule checks the parameters it would own (GaLore's rank), and every
+param-group method sees the parameters it would select. The trainer also refuses run lengths that
+would train nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ def check_shapes(composition, model_args: Any) -> None:
     a = model_args
     dense = llama_dense_specs(a.dim, ffn_hidden_dim(a), a.n_layers, a.vocab_size, a.n_heads, a.n_kv_heads)
     specs, _ = transformed_specs(composition, dense)  # make_parametrization on every targeted shape
-    for method in composition.with_capability(Capability.PARAM_GROUPS):
-        for spec in specs:
+    rules = {}
+    for spec in specs:
+        if not spec.trainable:
+            continue
+        owner = composition.owner_of(spec)  # two optimizer methods on one parameter: an error
+        if owner in composition.optimizer_methods:
+            rule = rules.setdefault(owner.name, owner.update_rule())
+            rule.check(spec)  # e.g. GaLore's rank against this matrix
+        for method in composition.with_capability(Capability.PARAM_GROUPS):
             method.param_group_options(spec)
 
 

@@ -12,6 +12,7 @@ torchtitan's; this adds, in order of the run:
 - at every optimizer step: a finiteness check of the step's loss across ranks BEFORE the
   optimizer applies the update. A NaN/Inf loss stops the run with a message; no checkpoint is
   written for that step, so the last good checkpoint is the newest one on disk;
+- a check that the optimizer's step (the one owner of the true step) is the trainer's (also after a resume);
 - at the end: a final validation (unless the last step was just validated) and a summary line.
 
 Testing aid: ``SLIMTRAIN_FAULT_NAN_AT_STEP=k`` makes the loss of step k NaN (tests the stop path).
@@ -37,6 +38,7 @@ from torchtitan.train import Trainer  # noqa: E402
 from titan_integration import context, data, memory, preflight, safe_checkpoint, spec  # noqa: E402
 from titan_integration.converter import CONVERTER_NAME  # noqa: E402
 from titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
+from titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
 from titan_integration.rng_state import STATE_KEY, RNGState  # noqa: E402
 
 log = logging.getLogger("slimtrain")
@@ -177,6 +179,11 @@ class SlimTrainer(Trainer):
 
     def train_step(self, data_iterator):
         super().train_step(data_iterator)
+        if isinstance(self.optimizers, SlimtrainOptimizersContainer):
+            # the optimizer owns the true step (restored from the checkpoint); torchtitan counts its own
+            owned = self.optimizers.global_step
+            if owned != self.step:
+                raise RuntimeError(f"the optimizer's step {owned} differs from trainer step {self.step}")
         if not self._memory_logged:
             self._memory_logged = True
             self._log_memory()

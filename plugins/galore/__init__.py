@@ -2,11 +2,11 @@
 
 Weights stay full-rank. For every selected 2-D parameter (default: the weights of the LLaMA
 projections; ``roles = ("A",)`` projects a factorized method's A factor instead, the composition the
-benchmark paper's code ran with SLTrain), the optimizer keeps Adam moments of ``R = P^T G`` (or ``G Q^T``),
+benchmark paper's code ran with SLTrain), the rule keeps Adam moments of ``R = P^T G`` (or ``G Q^T``),
 refreshes the projection every ``update_proj_gap`` steps from the current gradient (randomized range
 finder by default, exact SVD as an option), and applies the update projected back times ``scale``.
-Every other trainable parameter gets plain AdamW from the same optimizer
-(``plugins.galore.projected_adamw.ProjectedAdamW``; the math and FSDP2 behaviour: docs/methods/galore-fira.md).
+Every other trainable parameter goes to the default AdamW rule of the same optimizer. The math and
+the FSDP2 behaviour are in docs/methods/galore-fira.md; ``ProjectionRule`` below serves Fira too.
 
 Memory: ``2 r max(m, n)`` moment elements plus ``r min(m, n)`` for the projection per projected
 matrix (GaLore's published 1B figure, 4.76 GB, includes the projections), ``2 numel`` otherwise.
@@ -15,6 +15,7 @@ matrix (GaLore's published 1B figure, 4.76 GB, includes the projections), ``2 nu
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -24,12 +25,15 @@ from registry import (
     Capability,
     ConfigError,
     Method,
-    OptimizerHyper,
     ParamSpec,
     check_choice,
     check_range,
     hookimpl,
 )
+from registry.sharded import OwnerRanks, RowShards
+from registry.subspace import randomized_range, refresh_seed, std_side, svd_projection
+from registry.tensors import local_tensor
+from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,6 @@ class GaLoreConfig:
 
 def validate_projection(cfg: Any, section: str) -> None:
     """Range checks shared by galore and fira (errors name the key, value and allowed range)."""
-    from plugins.galore.projected_adamw import CONVENTIONS
     from registry.subspace import PROJ_METHODS
 
     check_range(section, "rank", cfg.rank, low=1)
@@ -66,52 +69,204 @@ def validate_projection(cfg: Any, section: str) -> None:
         raise ConfigError(f"[{section}] roles = () is empty; name at least one parameter role, e.g. 'weight'")
 
 
+#: "paper": the papers' equations; "reference": the released galore-torch 1.0 / fira 1.0.2 code
+#: (docs/methods/galore-fira.md lists the three differences and their measured sizes)
+CONVENTIONS = ("paper", "reference")
+
+
+# -- the step's pieces, each on this rank's (fp32) blocks -----------------------------------------
+def adam_direction(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, low: torch.Tensor, betas: tuple[float, float], eps: float, t: int,
+    reference: bool = False,
+) -> torch.Tensor:
+    """Update the moments with the projected gradient ``low`` (in place) and return Adam's
+    direction ``(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`` in fp32, in torch.optim.AdamW's order and
+    with as few kernels as it allows (the step's host-side cost grows with the kernel count).
+    ``reference``: the released code's ``m / (sqrt(v) + eps) * sqrt(bc2) / bc1`` (eps before the
+    bias correction)."""
+    beta1, beta2 = betas
+    low_m = low.to(exp_avg.dtype)
+    exp_avg.lerp_(low_m, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low_m, low_m, value=1 - beta2)
+    bc1 = 1 - beta1**t
+    bc2 = 1 - beta2**t
+    if reference:
+        return exp_avg.float().div(exp_avg_sq.float().sqrt().add_(eps)).mul_(math.sqrt(bc2) / bc1)
+    denom = exp_avg_sq.float().sqrt().div_(math.sqrt(bc2)).add_(eps)
+    return exp_avg.float().div(denom).div_(bc1)
+
+
+def apply_weight_decay(p_local: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay, ``W <- W (1 - lr wd)``, before the update (as torch's AdamW)."""
+    if weight_decay != 0:
+        p_local.mul_(1 - lr * weight_decay)
+
+
+def fira_residual(
+    g: torch.Tensor, low: torch.Tensor, back_low: torch.Tensor, direction: torch.Tensor, side: str,
+    subtract: float = 1.0,
+) -> torch.Tensor:
+    """Fira's scaled residual ``S = (G - P P^T G) * phi`` with ``phi = ||Adam(R)|| / ||R||`` per
+    column (left projection) or per row (right). ``subtract``: the released code subtracts
+    ``alpha P P^T G`` (not a residual for alpha != 1); the paper subtracts ``P P^T G``."""
+    dim = 0 if side == "left" else 1
+    norm = torch.linalg.vector_norm
+    phi = norm(direction, dim=dim, keepdim=True).div_(norm(low, dim=dim, keepdim=True).add_(1e-8))
+    return g.sub(back_low, alpha=subtract).mul_(phi)
+
+
+def fira_limiter(
+    scaled: torch.Tensor, prev: torch.Tensor, rows: RowShards, betas: tuple[float, float], t: int, gamma: float
+) -> torch.Tensor:
+    """The norm-growth limiter ``max(||S|| / prev, gamma) / gamma`` (updates ``prev`` in place).
+
+    The first step after creation or a reset has prev = -1: the ratio is <= 0, the clamp gives gamma
+    and the limiter 1, so that step is not limited, without a host sync."""
+    beta1, beta2 = betas
+    c_t = math.sqrt(1 - beta2**t) / (1 - beta1**t)
+    norm_ref = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt_().div_(c_t)
+    limiter = torch.clamp(norm_ref / (prev + 1e-8), min=gamma).div_(gamma)
+    prev.copy_(norm_ref / limiter)
+    return limiter
+
+
+class ProjectionRule(UpdateRule):
+    """GaLore's step (and, with ``fira``, Fira's residual) on each selected matrix.
+
+    FSDP2 patterns: the left projection ``R = P^T G`` is an all-reduce of per-shard products
+    (``RowShards.allreduce``), the right one ``G Q^T`` is local to the row shard; the randomized
+    refresh never gathers the gradient (all-reduces of n x l products, gathers of thin m x l
+    matrices); the exact-SVD refresh runs on one owner rank per matrix (``OwnerRanks``).
+    """
+
+    def __init__(
+        self, method: str, *, rank: int, gap: int, scale: float, proj_method: str = "randomized",
+        power_iters: int = 2, oversample: int = 0, fira: bool = False, gamma: float = 1.01,
+        convention: str = "paper",
+    ):
+        self.method = method
+        self.rank, self.gap, self.scale = int(rank), int(gap), float(scale)
+        self.proj_method, self.power_iters, self.oversample = proj_method, int(power_iters), int(oversample)
+        self.fira, self.gamma = bool(fira), float(gamma)
+        self.reference = convention == "reference"
+        self.owners = OwnerRanks()
+
+    # -- declarations ---------------------------------------------------------------------------
+    def check(self, spec: ParamSpec) -> None:
+        super().check(spec)
+        m, n = spec.shape
+        if self.rank > min(m, n):
+            raise ConfigError(
+                f"[{self.method}] rank = {self.rank} is out of range for {spec.name} with shape "
+                f"{m} x {n}; allowed: [1, {min(m, n)}] (the smaller dimension)"
+            )
+
+    def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
+        m, n = spec.shape
+        r = self.rank
+        left = std_side((m, n)) == "left"
+        low_shape, layout = ((r, n), "replicate") if left else ((m, r), "rows")
+        specs = [
+            StateSpec("step", (), torch.float32, OnReset.ZERO, host=True, counter=True),
+            StateSpec("proj", (m, r) if left else (r, n), torch.float32, OnReset.KEEP),
+            StateSpec("exp_avg", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
+            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
+        ]
+        if self.fira:
+            specs.append(StateSpec("fira_prev", (), torch.float32, OnReset.INIT, init_value=-1.0))
+        return specs
+
+    # -- refresh --------------------------------------------------------------------------------
+    def compute_projection(self, rows: RowShards, side: str, seed: int) -> torch.Tensor:
+        """A fresh projection (P, m x r, left; Q, r x n, right) from the current gradient, identical
+        on every rank. Tests override it to fix the projection."""
+        if self.proj_method == "svd":
+            return svd_projection(rows.gather_rows(rows.local), self.rank, side)
+        return randomized_range(
+            rows, self.rank, side, power_iters=self.power_iters, oversample=self.oversample, seed=seed,
+        )
+
+    def _distributed_svds(self, jobs: list[tuple[RuleParam, RowShards]]) -> dict[int, torch.Tensor]:
+        if not jobs:
+            return {}
+        rows0 = jobs[0][1]
+
+        def shape(job):
+            m, n = job[1].shape
+            return (m, self.rank) if std_side((m, n)) == "left" else (self.rank, n)
+
+        results = self.owners.run(
+            jobs,
+            gather=lambda job: job[0].grad.full_tensor(),
+            compute=lambda job, full: svd_projection(full, self.rank, std_side(job[1].shape)),
+            result_shape=shape, group=rows0.group, device=rows0.local.device,
+        )
+        return {id(job[0]): out for job, out in zip(jobs, results)}
+
+    # -- step -----------------------------------------------------------------------------------
+    def step(self, params: list[RuleParam], info: StepInfo) -> None:
+        rows_of = [RowShards(p.grad) for p in params]
+        before = [int(p.state["step"].item()) for p in params]
+        due = [b % self.gap == 0 for b in before]
+        svds = self._distributed_svds(
+            [(p, rows) for p, rows, d in zip(params, rows_of, due) if d and self.proj_method == "svd" and rows.dist]
+        )
+        for p, rows, step_before, refresh in zip(params, rows_of, before, due):
+            self._step_one(p, rows, step_before, refresh, svds.get(id(p)), info)
+
+    def _step_one(
+        self, p: RuleParam, rows: RowShards, step_before: int, refresh: bool, svd: torch.Tensor | None, info: StepInfo
+    ) -> None:
+        state = p.state
+        side = std_side(rows.shape)
+        g = rows.local
+        proj_state = local_tensor(state["proj"])
+        if refresh:
+            fresh = svd if svd is not None else self.compute_projection(
+                rows, side, refresh_seed(p.group_index, p.index, step_before)
+            )
+            proj_state.copy_(fresh)
+        proj = proj_state.float()
+        if side == "left":  # P: m x r; R = P^T G (r x n), replicated
+            p_rows = rows.my_rows(proj)
+            low = rows.allreduce(p_rows.T @ g)
+        else:  # Q: r x n; R = G Q^T (m x r), row-sharded like G
+            low = g @ proj.T
+        state["step"] += 1
+        t = step_before + 1
+        direction = adam_direction(
+            local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), low, info.betas, info.eps, t, self.reference
+        )
+        update = p_rows @ direction if side == "left" else direction @ proj
+
+        p_local = local_tensor(p.param.data)
+        if not self.reference:
+            apply_weight_decay(p_local, info.lr, info.weight_decay)
+        p_local.add_(update.to(p_local.dtype), alpha=-info.lr * self.scale)
+        if self.fira:
+            back_low = p_rows @ low if side == "left" else low @ proj
+            scaled = fira_residual(g, low, back_low, direction, side, self.scale if self.reference else 1.0)
+            limiter = fira_limiter(scaled, state["fira_prev"], rows, info.betas, t, self.gamma)
+            p_local.addcdiv_(scaled.to(p_local.dtype), limiter, value=-info.lr)
+        if self.reference:  # the released code decays the already-updated weight
+            apply_weight_decay(p_local, info.lr, info.weight_decay)
+
+
 class GaLore(Method):
     name = "galore"
     summary = "gradient low-rank projection: Adam moments in an r-dim subspace refreshed every T steps"
     Config = GaLoreConfig
-    provides = frozenset({Capability.OPTIMIZER, Capability.PARAM_GROUPS})
+    provides = frozenset({Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE})
 
-    def _options(self) -> dict[str, Any]:
+    def _rule_options(self) -> dict[str, Any]:
         c = self.config
-        return {
-            "proj_rank": c.rank,
-            "proj_gap": c.update_proj_gap,
-            "proj_scale": c.scale,
-            "proj_method": c.proj_method,
-            "proj_power_iters": c.power_iters,
-            "proj_oversample": c.oversample,
-            "proj_convention": c.convention,
-        }
-
-    def param_group_options(self, spec: ParamSpec) -> dict[str, Any] | None:
-        if not self.selects(spec):
-            return None
-        m, n = spec.shape
-        if self.config.rank > min(m, n):
-            raise ConfigError(
-                f"[{self.name}] rank = {self.config.rank} is out of range for {spec.name} with shape "
-                f"{m} x {n}; allowed: [1, {min(m, n)}] (the smaller dimension)"
-            )
-        return self._options()
-
-    def build_optimizer(self, param_groups: list[dict], hyper: OptimizerHyper) -> torch.optim.Optimizer:
-        from plugins.galore.projected_adamw import ProjectedAdamW
-
-        foreach = {"foreach": True, "fused": False, "for-loop": False}.get(hyper.implementation)
-        return ProjectedAdamW(
-            param_groups, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay,
-            foreach=foreach, fused=True if hyper.implementation == "fused" else None,
+        return dict(
+            rank=c.rank, gap=c.update_proj_gap, scale=c.scale, proj_method=c.proj_method,
+            power_iters=c.power_iters, oversample=c.oversample, convention=c.convention,
         )
 
-    def state_elements(self, spec: ParamSpec) -> int:
-        if not spec.trainable:
-            return 0
-        if self.selects(spec):
-            m, n = spec.shape
-            r = min(self.config.rank, m, n)
-            return 2 * r * max(m, n) + r * min(m, n)
-        return 2 * spec.numel
+    def update_rule(self) -> ProjectionRule:
+        return ProjectionRule(self.name, **self._rule_options())
 
 
 @hookimpl

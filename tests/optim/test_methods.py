@@ -43,8 +43,8 @@ def test_methods_are_registered_with_their_capabilities():
     from registry import get_methods
 
     methods = get_methods()
-    assert {Capability.OPTIMIZER, Capability.PARAM_GROUPS} <= methods["galore"].cls.provides
-    assert {Capability.OPTIMIZER, Capability.PARAM_GROUPS} <= methods["fira"].cls.provides
+    assert methods["galore"].cls.provides == {Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE}
+    assert methods["fira"].cls.provides == {Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE}
     mr = methods["momentum_reset"].cls
     assert mr.provides == {Capability.STEP_HOOK, Capability.LR_SCHEDULE}
     assert mr.hook_stage == HookStage.OPTIMIZER_STATE
@@ -52,16 +52,19 @@ def test_methods_are_registered_with_their_capabilities():
 
 
 def test_galore_param_groups_project_selected_weights_only():
-    from plugins.galore.projected_adamw import ProjectedAdamW
+    from plugins.galore import ProjectionRule
+    from registry.composed_optimizer import ComposedOptimizer
 
     comp = compose(["galore"], {"galore": {"rank": 8, "update_proj_gap": 5}})
     m = model()
     groups = comp.param_groups(m)
-    projected = [g for g in groups if "proj_rank" in g]
-    assert len(projected) == 1 and projected[0]["proj_rank"] == 8 and projected[0]["proj_gap"] == 5
+    projected = [g for g in groups if g["rule"] == "galore"]
+    assert len(projected) == 1
     assert {id(p) for p in projected[0]["params"]} == {id(m.wq.weight), id(m.w1.weight), id(m.w2.weight)}
     opt = comp.build_optimizer(groups, OptimizerHyper(lr=0.01))
-    assert isinstance(opt, ProjectedAdamW)
+    assert isinstance(opt, ComposedOptimizer)
+    rule = opt.rules["galore"]
+    assert isinstance(rule, ProjectionRule) and (rule.rank, rule.gap, rule.fira) == (8, 5, False)
     m(torch.randn(4, 16)).sum().backward()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt.step()
@@ -71,18 +74,16 @@ def test_galore_param_groups_project_selected_weights_only():
     assert all(not torch.equal(before[n], p) for n, p in m.named_parameters())
 
 
-def test_fira_groups_carry_the_residual_options():
-    comp = compose(["fira"], {"fira": {"rank": 4, "gamma": 1.05}})
-    g = [g for g in comp.param_groups(model()) if "proj_rank" in g][0]
-    assert g["fira"] is True and g["fira_gamma"] == 1.05 and g["proj_scale"] == 0.25
+def test_fira_rule_carries_the_residual_options():
+    rule = compose(["fira"], {"fira": {"rank": 4, "gamma": 1.05}}).method("fira").update_rule()
+    assert rule.fira is True and rule.gamma == 1.05 and rule.scale == 0.25 and rule.method == "fira"
 
 
 def test_galore_on_factors_selects_the_role_it_is_given():
     cfg = compose(["galore"], {"galore": {"roles": "A", "rank": 4}}).method("galore")
     a = ParamSpec("l.wq.parametrizations.weight.original1", "l.wq", "A", (8, 64), method="low_rank", is_linear=True)
     b = ParamSpec("l.wq.parametrizations.weight.original0", "l.wq", "B", (64, 8), method="low_rank", is_linear=True)
-    assert cfg.param_group_options(a)["proj_rank"] == 4
-    assert cfg.param_group_options(b) is None
+    assert cfg.selects(a) and not cfg.selects(b)
 
 
 def test_galore_on_low_rank_factors_composes_when_low_rank_is_installed():
@@ -90,7 +91,7 @@ def test_galore_on_low_rank_factors_composes_when_low_rank_is_installed():
     m = model()
     comp.apply_parametrizations(m)
     groups = comp.param_groups(m)
-    projected = [g for g in groups if "proj_rank" in g]
+    projected = [g for g in groups if g["rule"] == "galore"]
     assert len(projected) == 1 and len(projected[0]["params"]) == 2
     assert all(p.shape[0] == 8 for p in projected[0]["params"])  # the A factors, r x n
 
@@ -98,7 +99,7 @@ def test_galore_on_low_rank_factors_composes_when_low_rank_is_installed():
 def test_galore_and_fira_cannot_both_project_the_same_weights():
     from registry import CompositionError
 
-    with pytest.raises(CompositionError, match="two optimizer wrappers"):
+    with pytest.raises(CompositionError, match="two optimizer methods"):
         compose(["galore", "fira"])
 
 
@@ -111,11 +112,14 @@ def test_galore_memory_matches_the_published_1b_figure():
 
 
 def test_state_elements_per_matrix():
-    g = compose(["galore"], {"galore": {"rank": 4}}).method("galore")
+    from registry.memory import optimizer_state_elements
+
+    comp = compose(["galore"], {"galore": {"rank": 4}})
     wide = ParamSpec("a.w2.weight", "a.w2", "weight", (16, 40), is_linear=True)
     norm = ParamSpec("a.norm.weight", "a.norm", "weight", (16,))
-    assert g.state_elements(wide) == 2 * 4 * 40 + 4 * 16
-    assert g.state_elements(norm) == 32
+    assert comp.rule_for(wide).state_elements(wide) == 2 * 4 * 40 + 4 * 16
+    assert comp.rule_for(norm).state_elements(norm) == 32  # the default AdamW rule
+    assert optimizer_state_elements(comp, [wide, norm]) == 2 * 4 * 40 + 4 * 16 + 32
 
 
 # -- bad input ------------------------------------------------------------------------------------

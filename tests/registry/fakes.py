@@ -8,6 +8,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from registry.update_rule import StateSpec, UpdateRule
+
 from registry import (
     DEFAULT_TARGETS,
     Capability,
@@ -52,7 +54,7 @@ class _Factor(FactorizedParametrization):
 class FakeFactor(Method):
     name = "fake_factor"
     Config = FactorConfig
-    provides = frozenset({Capability.PARAMETRIZATION, Capability.FACTORIZED})
+    provides = frozenset({Capability.PARAMETRIZATION, Capability.FACTORIZED, Capability.MEMORY_ESTIMATE})
 
     def make_parametrization(self, linear: nn.Linear, fqn: str):
         return _Factor(linear.out_features, linear.in_features, self.config.rank)
@@ -100,13 +102,26 @@ class OptConfig:
 class FakeOpt(Method):
     name = "fake_opt"
     Config = OptConfig
-    provides = frozenset({Capability.OPTIMIZER, Capability.PARAM_GROUPS})
+    provides = frozenset({Capability.OPTIMIZER, Capability.PARAM_GROUPS, Capability.MEMORY_ESTIMATE})
 
     def param_group_options(self, spec):
         return {"projected": True} if self.selects(spec) else None
 
-    def build_optimizer(self, param_groups, hyper):
-        return torch.optim.SGD(param_groups, lr=hyper.lr)
+    def update_rule(self):
+        return SGDRule()
+
+
+class SGDRule(UpdateRule):
+    """Plain SGD with one declared momentum buffer (enough to exercise the contract)."""
+
+    def state_specs(self, spec):
+        return [StateSpec("momentum_buffer", spec.shape, layout="rows", moment=True)]
+
+    def step(self, params, info):
+        for p in params:
+            buf = p.state["momentum_buffer"]
+            buf.mul_(0.9).add_(p.grad)
+            p.param.data.add_(buf, alpha=-info.lr)
 
 
 class FakeOpt2(FakeOpt):

@@ -39,12 +39,12 @@ def test_overlap_found_on_real_model_when_patterns_hide_it(fake_methods):
         compose(["fake_factor", "fake_factor2"], {"fake_factor": {"targets": ["attention.*"]}, "fake_factor2": {"targets": ["wq"]}})
 
 
-def test_two_optimizer_wrappers_on_same_parameters(fake_methods):
-    with pytest.raises(CompositionError, match="two optimizer wrappers on the same parameters.*fake_opt.*fake_opt2"):
+def test_two_optimizer_methods_on_same_parameters(fake_methods):
+    with pytest.raises(CompositionError, match="two optimizer methods on the same parameters.*fake_opt.*fake_opt2"):
         compose(["fake_opt", "fake_opt2"], {})
 
 
-def test_optimizer_wrappers_on_different_roles_compose(fake_methods):
+def test_optimizer_methods_on_different_roles_compose(fake_methods):
     comp = compose(["fake_opt", "fake_opt2"], {"fake_opt2": {"roles": ["A"]}})
     assert comp.method_names == ["fake_opt", "fake_opt2"]
 
@@ -107,7 +107,8 @@ def test_param_groups_carry_options_and_roles(fake_methods):
     n_params = sum(len(g["params"]) for g in groups)
     assert n_params == len([p for p in model.parameters() if p.requires_grad])
     opt = comp.build_optimizer(groups, OptimizerHyper(lr=0.1))
-    assert isinstance(opt, torch.optim.SGD)
+    assert {g["rule"] for g in opt.param_groups} == {"fake_opt", "adamw"}
+    assert [g["rule"] for g in opt.param_groups if g.get("projected")] == ["fake_opt"]
 
 
 def test_conflicting_group_options_raise(fake_methods):
@@ -146,11 +147,11 @@ def test_builtin_refactorization_requirement_names_factorized_builtins(fresh_reg
 
 
 # -- the same rules with the built-in methods ---------------------------------------------------
-def test_builtin_adamw_and_galore_are_two_optimizers_on_the_same_parameters(fresh_registry):
-    with pytest.raises(CompositionError, match="two optimizer wrappers on the same parameters: 'adamw' and 'galore'"):
-        compose(["adamw", "galore"], {})
-    with pytest.raises(CompositionError, match="two optimizer wrappers on the same parameters: 'galore' and 'fira'"):
+def test_builtin_galore_and_fira_are_two_optimizers_on_the_same_parameters(fresh_registry):
+    with pytest.raises(CompositionError, match="two optimizer methods on the same parameters: 'galore' and 'fira'"):
         compose(["galore", "fira"], {})
+    # adamw is the default rule: listed next to galore it takes what galore does not select
+    assert compose(["adamw", "galore"], {}).method_names == ["adamw", "galore"]
 
 
 @pytest.mark.parametrize(
@@ -175,7 +176,7 @@ def test_galore_on_lora_factors_is_valid(fresh_registry):
     comp = compose(["lora", "galore"], {"lora": {"rank": 2}, "galore": {"rank": 2, "roles": ["B", "A"]}})
     model = fakes.TinyModel()
     comp.apply_parametrizations(model)
-    projected = [g for g in comp.param_groups(model) if "proj_rank" in g]
+    projected = [g for g in comp.param_groups(model) if g["rule"] == "galore"]
     assert sum(len(g["params"]) for g in projected) == 2 * 14
 
 

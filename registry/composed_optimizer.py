@@ -1,0 +1,305 @@
+"""``ComposedOptimizer``: ONE torch optimizer per model part that runs every method's update rule.
+
+Why one optimizer: torchtitan (and most trainers) step, checkpoint and schedule optimizers as a unit;
+several optimizer methods on disjoint parameters must therefore live in one optimizer, and every
+rule must see the same hyperparameters and the same true step.
+
+* Param groups: one per rule (group key ``"rule"``: the method name) and per distinct option set
+  other methods contribute (``lr``, ``weight_decay``, ...). Names and specs live in a side table
+  keyed by the parameter, never in the groups (groups are checkpointed; they hold scalars only).
+* State is created from each rule's declarations (``registry.update_rule.StateSpec``) when the
+  optimizer is built: dtype, initial value and, under FSDP2, the DTensor layout. Creating it up front
+  also stops ``torch.distributed.checkpoint`` from initializing state by stepping on zero gradients.
+  After a rule's first step the optimizer checks the rule kept exactly what it declared.
+* The true step: ``global_step`` (completed optimizer steps) is kept in every param group, so it is
+  checkpointed with the groups and restored on resume; it feeds ``StepInfo.step`` and the trainer's
+  step hooks. Nothing else counts steps.
+* ``load_state_dict`` keeps each state tensor's DECLARED dtype (torch's default casts floating state
+  to the parameter dtype, which turned bf16 runs' fp32 projections into bf16: resume not bitwise).
+* ``reset_state(params)`` applies each declaration's ``OnReset`` (momentum reset knows no key names).
+* ``step_params(params)`` steps just those parameters as part of step ``global_step + 1``;
+  ``finish_step()`` then counts the step (per-layer updates); ``step()`` is both.
+* A ``StateCodec`` may store ``moment=True`` state encoded (8-bit state); the rule always sees the
+  declared dtype. Without one (the default) the rule works on the stored tensors directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from registry.errors import CompositionError
+from registry.method import ParamSpec
+from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+
+__all__ = ["ComposedOptimizer", "StateCodec"]
+
+STEP_KEY = "global_step"
+
+
+class StateCodec:
+    """How ``moment=True`` state is stored (identity here; 8-bit codecs subclass it).
+
+    ``encode`` turns the declared-dtype value into the tensors stored in ``optimizer.state[param]``
+    (keys of its choice, all tensors, so checkpoints save them); ``decode`` rebuilds the value from
+    the stored tensors. ``stored_keys`` names the keys ``encode`` writes for a declaration."""
+
+    def stored_keys(self, decl: StateSpec) -> tuple[str, ...]:
+        return (decl.name,)
+
+    def encode(self, decl: StateSpec, value: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        state[decl.name] = value
+
+    def decode(self, decl: StateSpec, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return state[decl.name]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from registry.tensors import local_tensor
+
+    return local_tensor(t)
+
+
+def make_state_tensor(param: torch.Tensor, decl: StateSpec) -> torch.Tensor:
+    """A fresh state tensor for ``param`` from its declaration (plain, or a DTensor under FSDP2:
+    ``rows`` sharded like the parameter's rows, ``replicate`` identical on every rank)."""
+    from registry.tensors import is_dtensor
+
+    dtype = decl.dtype or param.dtype
+    local_param = _local(param)
+    if decl.shape == ():
+        device = torch.device("cpu") if decl.host else local_param.device
+        return torch.full((), decl.init_value, dtype=dtype, device=device)
+    if not is_dtensor(param):
+        return torch.full(decl.shape, decl.init_value, dtype=dtype, device=param.device)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = param.device_mesh
+    if decl.layout == "rows":
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        placements = param.placements
+        local_shape, _ = compute_local_shape_and_global_offset(decl.shape, mesh, placements)
+        local = torch.full(local_shape, decl.init_value, dtype=dtype, device=local_param.device)
+        stride = tuple(int(torch.empty(decl.shape, device="meta").stride(i)) for i in range(len(decl.shape)))
+        return DTensor.from_local(local, mesh, placements, shape=decl.shape, stride=stride)
+    local = torch.full(decl.shape, decl.init_value, dtype=dtype, device=local_param.device)
+    return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+class ComposedOptimizer(torch.optim.Optimizer):
+    """Routes each param group to its rule (see the module docstring)."""
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        *,
+        rules: Mapping[str, UpdateRule],
+        specs: Mapping[torch.Tensor, ParamSpec],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        codec: StateCodec | None = None,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **{STEP_KEY: 0})
+        super().__init__(params, defaults)
+        self.rules = dict(rules)
+        self.codec = codec
+        self.specs: dict[torch.Tensor, ParamSpec] = {}
+        self.declared: dict[torch.Tensor, list[StateSpec]] = {}
+        self._checked: set[str] = set()
+        for group in self.param_groups:
+            name = group.get("rule")
+            if name not in self.rules:
+                raise CompositionError(
+                    f"param group with rule = {name!r}: no such rule; rules: {', '.join(sorted(self.rules))}"
+                )
+            rule = self.rules[name]
+            for p in group["params"]:
+                spec = specs.get(p)
+                if spec is None:
+                    raise CompositionError(f"[{name}] a parameter of shape {tuple(p.shape)} has no spec (name)")
+                rule.check(spec)
+                self.specs[p] = spec
+                self.declared[p] = list(rule.state_specs(spec))
+                self._create_state(p)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _create_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        for decl in self.declared[p]:
+            value = make_state_tensor(p, decl)
+            if self.codec is not None and decl.moment:
+                self.codec.encode(decl, value, state)
+            else:
+                state[decl.name] = value
+
+    def _view(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state a rule sees: stored tensors, moments decoded when a codec is installed."""
+        state = self.state[p]
+        if self.codec is None:
+            return state
+        view = {}
+        for decl in self.declared[p]:
+            if decl.moment:
+                view[decl.name] = self.codec.decode(decl, state, decl.dtype or p.dtype)
+            else:
+                view[decl.name] = state[decl.name]
+        return view
+
+    def _store(self, p: torch.Tensor, view: dict[str, torch.Tensor]) -> None:
+        if self.codec is None:
+            return
+        state = self.state[p]
+        for decl in self.declared[p]:
+            if decl.moment:
+                self.codec.encode(decl, view[decl.name], state)
+            else:
+                state[decl.name] = view[decl.name]
+
+    def _check_declared(self, rule_name: str, items: list[RuleParam]) -> None:
+        """After a rule's first step: it kept exactly the state it declared, in shape and dtype."""
+        for item in items:
+            decls = {d.name: d for d in self.declared[item.param]}
+            extra = sorted(set(item.state) - set(decls))
+            if extra:
+                raise CompositionError(
+                    f"[{rule_name}] the update rule created undeclared state {extra[0]!r} for {item.name}; "
+                    f"declared: {', '.join(sorted(decls)) or '(none)'} (add it to state_specs)"
+                )
+            for name, decl in decls.items():
+                value = item.state.get(name)
+                if not isinstance(value, torch.Tensor):
+                    raise CompositionError(
+                        f"[{rule_name}] declares state {name!r} for {item.name} but left "
+                        f"{type(value).__name__} there (state must stay the declared tensor)"
+                    )
+                dtype = decl.dtype or item.param.dtype
+                if tuple(value.shape) != decl.shape or value.dtype != dtype:
+                    raise CompositionError(
+                        f"[{rule_name}] state {name!r} of {item.name}: declared shape {decl.shape} dtype "
+                        f"{dtype}, the rule left shape {tuple(value.shape)} dtype {value.dtype}"
+                    )
+
+    # -- the true step --------------------------------------------------------------------------
+    @property
+    def global_step(self) -> int:
+        """Completed optimizer steps (restored with the param groups on resume)."""
+        return max((int(g.get(STEP_KEY, 0)) for g in self.param_groups), default=0)
+
+    def finish_step(self) -> None:
+        """Count one optimizer step (``step()`` does it; per-layer updates call it once per step)."""
+        done = self.global_step + 1
+        for g in self.param_groups:
+            g[STEP_KEY] = done
+
+    # -- stepping -------------------------------------------------------------------------------
+    def _step_group(self, gi: int, group: dict, params: Iterable[torch.Tensor]) -> None:
+        name = group["rule"]
+        rule = self.rules[name]
+        items = []
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None or (params is not None and p not in params):
+                continue
+            spec = self.specs[p]
+            items.append(RuleParam(spec.name, spec, p, p.grad, self._view(p), pi, gi))
+        if not items:
+            return
+        info = StepInfo(
+            step=self.global_step + 1, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+        rule.step(items, info)
+        if self.codec is not None:
+            for item in items:
+                self._store(item.param, item.state)
+        if name not in self._checked:
+            self._check_declared(name, items)
+            self._checked.add(name)
+
+    @torch.no_grad()
+    def step_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Step just ``params`` (those with a gradient) as part of step ``global_step + 1``."""
+        wanted = set(params)
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group, wanted)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group, None)
+        self.finish_step()
+        return loss
+
+    # -- momentum reset -------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_state(self, params: Iterable[torch.Tensor], *, keep_counters: bool = False) -> int:
+        """Apply each declaration's ``OnReset`` to the state of ``params`` (with ``keep_counters``,
+        step counts declared ``counter=True`` are kept); returns how many parameters were reset."""
+        done = 0
+        for p in params:
+            if p not in self.declared:
+                continue
+            view = self._view(p)
+            for decl in self.declared[p]:
+                if keep_counters and decl.counter:
+                    continue
+                if decl.on_reset is OnReset.ZERO:
+                    _local(view[decl.name]).zero_()
+                elif decl.on_reset is OnReset.INIT:
+                    _local(view[decl.name]).fill_(decl.init_value)
+            self._store(p, view)
+            done += 1
+        return done
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, then every declared tensor back in its declared dtype (and device)."""
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        by_id = {
+            pid: p for sg, g in zip(saved_groups, self.param_groups) for pid, p in zip(sg["params"], g["params"])
+        }
+        super().load_state_dict(state_dict)
+        for pid, values in saved_state.items():
+            p = by_id.get(pid)
+            if p is None or p not in self.declared:
+                continue
+            stored = self._stored_decls(p)
+            for key, decl in stored.items():
+                value = values.get(key)
+                if not isinstance(value, torch.Tensor):
+                    continue
+                self.state[p][key] = self._placed(p, decl, key, value)
+
+    def _stored_decls(self, p: torch.Tensor) -> dict[str, StateSpec]:
+        out = {}
+        for decl in self.declared[p]:
+            keys = self.codec.stored_keys(decl) if (self.codec is not None and decl.moment) else (decl.name,)
+            for k in keys:
+                out[k] = decl
+        return out
+
+    def _placed(self, p: torch.Tensor, decl: StateSpec, key: str, value: torch.Tensor) -> torch.Tensor:
+        fresh = self.state[p][key]  # torch's cast copy: right device, maybe wrong dtype
+        if self.codec is not None and decl.moment and key != decl.name:
+            dtype = value.dtype  # codec-owned storage keeps its own dtypes
+        else:
+            dtype = decl.dtype or p.dtype
+        if decl.shape == () and decl.host:
+            return value.detach().to(device="cpu", dtype=dtype).clone()
+        device = _local(fresh).device if isinstance(fresh, torch.Tensor) else _local(p).device
+        return value.detach().to(device=device, dtype=dtype)
+
+    def describe(self) -> str:
+        sizes = {}
+        for g in self.param_groups:
+            sizes[g["rule"]] = sizes.get(g["rule"], 0) + sum(p.numel() for p in g["params"])
+        return ", ".join(f"{k}: {v} elements" for k, v in sizes.items())

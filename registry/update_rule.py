@@ -1,0 +1,137 @@
+"""The update-rule contract: how an optimizer method updates the parameters it selects.
+
+Why rules and not optimizers: the composition builds ONE ``torch.optim.Optimizer`` per model part
+(``registry.composed_optimizer.ComposedOptimizer``) and routes every parameter to the rule of the
+method that selected it (``adamw``'s rule for the rest). So several optimizer methods can share a
+recipe on disjoint parameters, a rule never re-implements AdamW for parameters it does not own, and
+the memory estimate, momentum reset, checkpointing and 8-bit state read the rule's *declared* state
+instead of guessing from key names.
+
+A rule declares its state per parameter (``state_specs``); the optimizer creates every declared
+tensor before the first step (dtype, initial value and FSDP2 layout from the declaration), keeps it
+in that dtype through ``load_state_dict``, and refuses state the rule did not declare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from registry.method import ParamSpec
+
+__all__ = ["LAYOUTS", "OnReset", "RuleParam", "StateSpec", "StepInfo", "UpdateRule"]
+
+#: how a non-scalar state tensor is laid out under FSDP2 (see ``StateSpec.layout``)
+LAYOUTS = ("rows", "replicate")
+
+
+class OnReset(str, enum.Enum):
+    """What a momentum reset (``ComposedOptimizer.reset_state``) does to one state tensor."""
+
+    ZERO = "zero"  # zeroed (Adam moments, the per-parameter step count)
+    KEEP = "keep"  # untouched (projections, seeds)
+    INIT = "init"  # back to StateSpec.init_value (Fira's limiter: -1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """One state tensor a rule keeps for one parameter."""
+
+    name: str  # key in optimizer.state[param]
+    shape: tuple[int, ...]  # GLOBAL shape; () for a scalar
+    dtype: torch.dtype | None = None  # None: the parameter's dtype; fp32 projections say float32
+    on_reset: OnReset = OnReset.ZERO
+    moment: bool = False  # a moment-like tensor: 8-bit state may store it quantized
+    layout: str = "replicate"  # under FSDP2: "rows" (Shard(0), rows follow the parameter's rows)
+    #                            or "replicate" (identical on every rank); scalars replicate
+    init_value: float = 0.0  # value at creation and for OnReset.INIT
+    host: bool = False  # a scalar kept on the CPU (a step count torch's non-fused kernels read there)
+    counter: bool = False  # a per-parameter step count (momentum_reset's reset_step = false keeps it)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "on_reset", OnReset(self.on_reset))
+        except ValueError:
+            allowed = ", ".join(r.value for r in OnReset)
+            raise ValueError(
+                f"state {self.name!r}: on_reset = {self.on_reset!r} is not a reset policy; allowed: {allowed}"
+            ) from None
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"state {self.name!r}: layout = {self.layout!r}; allowed: {', '.join(LAYOUTS)}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What every rule sees, the same way for every rule (one per param group per step)."""
+
+    step: int  # the TRUE 1-based global step, also after a resume
+    lr: float  # this group's scheduled LR (schedule x LR factors)
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+
+
+@dataclasses.dataclass
+class RuleParam:
+    """One parameter handed to ``UpdateRule.step``."""
+
+    name: str  # canonical FQN (no FSDP/AC wrapper prefixes)
+    spec: ParamSpec  # role, GLOBAL shape, owning parametrization method
+    param: torch.Tensor  # nn.Parameter, maybe a Shard(0) DTensor under FSDP2
+    grad: torch.Tensor
+    state: dict[str, torch.Tensor]  # created from the declarations before the first step
+    index: int = 0  # position of the parameter in its group (stable: seeds may use it)
+    group_index: int = 0  # position of its group in the optimizer (stable)
+
+
+class UpdateRule:
+    """Base class of the update rule an OPTIMIZER method returns from ``Method.update_rule``.
+
+    Subclasses set ``method``, declare their state and implement ``step``; the docstring of each
+    rule says which FSDP2 pattern it uses (elementwise on the local shard; ``registry.sharded.
+    RowShards`` all-reduce of a small product; or ``owner_rank_map`` for whole-matrix math).
+    """
+
+    method: str = ""  # the owning method's name (errors name it)
+    needs_matrix: ClassVar[bool] = True  # refuse non-2-D parameters (error names method + param)
+    #: the trainer's ``optimizer.implementation`` ("foreach", "fused" or "for-loop"), set by the
+    #: composition before the first step; rules with batched kernels honour it
+    implementation: str = "foreach"
+
+    def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
+        """The state this rule keeps for ``spec`` (GLOBAL shapes), created before the first step."""
+        raise NotImplementedError(f"{type(self).__name__} declares no state_specs")
+
+    def step(self, params: list[RuleParam], info: StepInfo) -> None:
+        """Update every ``p.param`` in place. Called once per param group per optimizer step with
+        all of the group's parameters that have a gradient (a rule may batch: foreach kernels, or
+        exact SVDs spread over ranks); must also work on a list of one (per-layer updates)."""
+        raise NotImplementedError(f"{type(self).__name__} implements no step")
+
+    def check(self, spec: ParamSpec) -> None:
+        """Refuse a parameter this rule cannot update (before training). Default: ``needs_matrix``
+        rules take 2-D parameters only. Raise ``ConfigError`` naming ``self.method`` and ``spec.name``."""
+        if self.needs_matrix and len(spec.shape) != 2:
+            from registry.errors import ConfigError
+
+            raise ConfigError(
+                f"[{self.method}] selects {spec.name} with shape {tuple(spec.shape)}, but its update rule "
+                f"needs a matrix (2-D parameter); narrow `targets`/`roles` to 2-D weights"
+            )
+
+    def state_elements(self, spec: ParamSpec) -> int:
+        """State elements kept for ``spec`` (the memory estimate): the declared tensors' sizes.
+        Scalars (step counts, limiters) are bookkeeping, not state the paper's model counts."""
+        return sum(s.numel for s in self.state_specs(spec) if s.shape)
