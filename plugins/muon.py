@@ -13,9 +13,12 @@ recipe: the default here, since one trainer LR drives every rule). ``lr_ratio`` 
 trainer's LR for the Muon matrices only (Keller's setting: ~0.02 with "original" vs AdamW ~1e-3).
 
 FSDP2: Newton-Schulz needs the whole matrix. The momentum stays row-sharded (elementwise), each
-matrix's look-ahead U is gathered (in bf16, the dtype NS works in, so nothing is lost) to one owner
+matrix's look-ahead U is gathered (in ``ns_dtype``, the dtype NS works in, so nothing is lost) to one owner
 rank per matrix (``registry.sharded.OwnerRanks``, owners rotating across matrices and steps), the
-owner iterates and broadcasts O in bf16, and each rank applies its rows.
+owner iterates and broadcasts O in ``ns_dtype``, and each rank applies its rows. (bf16 rounding makes
+the step discontinuous in the gradient: a sharded run's reduce-scattered gradient, equal to the
+unsharded one to fp32 rounding, can round differently; float32 iterations keep sharded = unsharded
+to fp32 tolerance, which the FSDP test uses.)
 
 Memory: one momentum element per selected weight element.
 """
@@ -35,6 +38,7 @@ from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, Update
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's (Keller Jordan's) quintic
 NS_EPS = 1e-7
 ADJUST_LR = ("original", "match_rms_adamw", "none")
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,7 @@ class MuonConfig:
     ns_steps: int = 5
     adjust_lr: str = "match_rms_adamw"
     lr_ratio: float = 1.0  # Muon matrices step with lr_ratio x the trainer's LR
+    ns_dtype: str = "bfloat16"  # the iterations' dtype: torch's/Keller's bf16, or float32
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
 
@@ -51,6 +56,7 @@ class MuonConfig:
         check_range("muon", "momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
         check_range("muon", "ns_steps", self.ns_steps, low=1, high=99)
         check_choice("muon", "adjust_lr", self.adjust_lr, ADJUST_LR)
+        check_choice("muon", "ns_dtype", self.ns_dtype, tuple(NS_DTYPES))
         check_range("muon", "lr_ratio", self.lr_ratio, low=0, low_inclusive=False)
         if not self.targets:
             raise ConfigError("[muon] targets = () is empty; name at least one module pattern")
@@ -74,11 +80,13 @@ def selects_with_any_shape(method: Method, spec: ParamSpec) -> bool:
     )
 
 
-def newton_schulz(u: torch.Tensor, steps: int, coefficients=NS_COEFFICIENTS, eps: float = NS_EPS) -> torch.Tensor:
-    """``steps`` quintic Newton-Schulz iterations on ``u / ||u||_F`` in bf16, on the wide orientation
-    (the Gram matrix is min(m, n) square); returns bf16 of u's shape."""
+def newton_schulz(
+    u: torch.Tensor, steps: int, coefficients=NS_COEFFICIENTS, eps: float = NS_EPS, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """``steps`` quintic Newton-Schulz iterations on ``u / ||u||_F`` in ``dtype`` (torch's: bf16), on
+    the wide orientation (the Gram matrix is min(m, n) square); returns ``dtype`` of u's shape."""
     a, b, c = coefficients
-    x = u.bfloat16()
+    x = u.to(dtype)
     tall = u.size(0) > u.size(1)
     if tall:
         x = x.T
@@ -102,8 +110,12 @@ def adjusted_lr(lr: float, how: str, shape: tuple[int, int]) -> float:
 class MuonRule(UpdateRule):
     """Muon's step; whole-matrix Newton-Schulz on one owner rank per matrix under FSDP2."""
 
-    def __init__(self, method: str, *, momentum: float, nesterov: bool, ns_steps: int, adjust_lr: str, lr_ratio: float):
+    def __init__(
+        self, method: str, *, momentum: float, nesterov: bool, ns_steps: int, adjust_lr: str, lr_ratio: float,
+        ns_dtype: str = "bfloat16",
+    ):
         self.method = method
+        self.ns_dtype = NS_DTYPES[ns_dtype]
         self.momentum, self.nesterov, self.ns_steps = float(momentum), bool(nesterov), int(ns_steps)
         self.adjust_lr, self.lr_ratio = adjust_lr, float(lr_ratio)
         self.owners = OwnerRanks()
@@ -125,12 +137,12 @@ class MuonRule(UpdateRule):
         rows0 = jobs[0][1]
         ortho = self.owners.run(
             jobs,
-            gather=lambda job: job[1].gather_rows(job[2].bfloat16()),
-            compute=lambda job, full: newton_schulz(full, self.ns_steps),
+            gather=lambda job: job[1].gather_rows(job[2].to(self.ns_dtype)),
+            compute=lambda job, full: newton_schulz(full, self.ns_steps, dtype=self.ns_dtype),
             result_shape=lambda job: job[1].shape,
             group=rows0.group if rows0.dist else None,
             device=rows0.local.device,
-            dtype=torch.bfloat16,
+            dtype=self.ns_dtype,
         )
         lr = info.lr * self.lr_ratio
         for (p, rows, _u), o in zip(jobs, ortho):
@@ -152,7 +164,7 @@ class Muon(Method):
         c = self.config
         return MuonRule(
             self.name, momentum=c.momentum, nesterov=c.nesterov, ns_steps=c.ns_steps,
-            adjust_lr=c.adjust_lr, lr_ratio=c.lr_ratio,
+            adjust_lr=c.adjust_lr, lr_ratio=c.lr_ratio, ns_dtype=c.ns_dtype,
         )
 
 

@@ -258,6 +258,7 @@ def test_scale_equals_algorithm_1_with_the_code_conventions():
         ("muon", "momentum", 1.0, "[0.0, 1.0)"),
         ("muon", "momentum", -0.1, "[0.0, 1.0)"),
         ("muon", "adjust_lr", "rms", "'original'"),
+        ("muon", "ns_dtype", "fp8", "'bfloat16', 'float32'"),
         ("scale", "momentum", 1.5, "[0.0, 1.0)"),
         ("scale", "lr_ratio", 0.0, "(0, inf)"),
     ],
