@@ -50,10 +50,78 @@ def _listed(proc) -> dict[str, dict]:
 
 
 def test_builtins_listed_with_source_and_keys(fresh_registry):
-    methods = fresh_registry.get_methods()
-    assert methods["adamw"].source == "built-in"
-    modules = {info.plugin for info in methods.values()}
-    assert modules <= set(BUILTIN_PLUGINS) | {"decay_exempt"}
+    """Holds whatever third-party plugins are installed (one is registered here to make sure)."""
+    from tests.registry.fakes import FakePlugin
+
+    fresh_registry.register_plugin(FakePlugin(), name="fakes")
+    try:
+        methods = fresh_registry.get_methods()
+        builtin = {name: info for name, info in methods.items() if info.source == "built-in"}
+        assert {info.plugin for info in builtin.values()} == set(BUILTIN_PLUGINS)
+        assert {"adamw", "galore", "fira", "sltrain", "momentum_reset"} <= set(builtin)
+        assert all(info.plugin not in BUILTIN_PLUGINS for info in methods.values() if info.source != "built-in")
+        assert methods["fake_opt"].source == "registered at run time"
+    finally:
+        fresh_registry.unregister_plugin("fakes")
+
+
+class _BadCapabilities:
+    def __init__(self, cls):
+        self.cls = cls
+
+    @hookimpl
+    def register_methods(self, register):
+        register(self.cls)
+
+
+def _bad_methods():
+    from registry import Capability, Method
+
+    class NoHook(Method):
+        name = "no_hook"
+        provides = frozenset({Capability.STEP_HOOK})
+
+    class Undeclared(Method):
+        name = "undeclared"
+
+        def lr_factor(self, step):
+            return 0.5
+
+    class NoEstimate(Method):
+        name = "no_estimate"
+        provides = frozenset({Capability.OPTIMIZER})
+
+        def update_rule(self):
+            raise AssertionError
+
+    class OldOptimizer(Method):
+        name = "old_optimizer"
+        provides = frozenset({Capability.PARAM_GROUPS})
+
+        def param_group_options(self, spec):
+            return None
+
+        def build_optimizer(self, groups, hyper):
+            raise AssertionError
+
+    return [
+        (NoHook, "declares Capability.STEP_HOOK but does not implement after_step()"),
+        (Undeclared, "overrides lr_factor() but does not declare Capability.LR_SCHEDULE"),
+        (NoEstimate, "Capability.MEMORY_ESTIMATE must be declared exactly by methods with PARAMETRIZATION or OPTIMIZER"),
+        (OldOptimizer, "defines build_optimizer(), which slimtrain no longer calls"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_capabilities_out_of_step_with_hooks_fail_at_registration_naming_the_method(fresh_registry, index):
+    cls, needle = _bad_methods()[index]
+    fresh_registry.register_plugin(_BadCapabilities(cls), name="bad_caps")
+    try:
+        with pytest.raises(CompositionError) as err:
+            fresh_registry.get_methods()
+        assert f"method {cls.name!r} (plugin 'bad_caps')" in str(err.value) and needle in str(err.value)
+    finally:
+        fresh_registry.unregister_plugin("bad_caps")
 
 
 def test_example_plugin_listed_with_its_distribution(example_site):
