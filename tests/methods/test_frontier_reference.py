@@ -284,3 +284,41 @@ def test_rank_above_the_matrix_dimension_and_non_matrix_params_are_refused():
         comp = compose([method], {method: {"targets": ["wq"], "roles": ["weight", "bias"], **({"rank": 4} if method == "apollo" else {})}})
         with pytest.raises(ConfigError, match=rf"\[{method}\] selects wq.bias with shape \(16,\).*needs a matrix"):
             comp.param_groups(Biased())
+
+
+@pytest.mark.parametrize(
+    "method, zeroed, kept",
+    [
+        ("apollo", ["exp_avg", "exp_avg_sq", "step"], ["proj"]),
+        ("apollo_mini", ["exp_avg", "exp_avg_sq", "step"], ["proj"]),
+        ("muon", ["momentum_buffer"], []),
+        ("scale", ["moment1"], []),
+    ],
+)
+def test_momentum_reset_applies_each_rules_declarations(method, zeroed, kept):
+    from registry import StepContext
+
+    class WithHead(Net):
+        def __init__(self):
+            super().__init__()
+            self.output = nn.Linear(16, 8, bias=False)
+
+    torch.manual_seed(0)
+    model = WithHead()
+    sections = {method: {"rank": 4} if method == "apollo" else {}, "momentum_reset": {"every": 2, "warmup_steps": 0}}
+    comp = compose([method, "momentum_reset"], sections)
+    opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=0.01))
+    target = model.output.weight if method == "scale" else model.w2.weight
+    for step, g in enumerate(gradients(model, steps=2), start=1):
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+        opt.step()
+        before = {k: v.clone() for k, v in opt.state[target].items()}
+        comp.after_step(StepContext(step, [model], [opt]))
+    state = opt.state[target]
+    for key in zeroed:
+        assert torch.count_nonzero(before[key]) > 0 and torch.count_nonzero(state[key]) == 0, key
+    for key in kept:
+        assert torch.equal(state[key], before[key]) and torch.count_nonzero(state[key]) > 0, key
+    if method.startswith("apollo"):
+        assert before["limiter_prev"].item() > 0 and state["limiter_prev"].item() == -1.0
