@@ -49,7 +49,31 @@ def optimizers(device):
             return params, ProjectedAdamW([{"params": params, **options}], lr=1e-3, foreach=True)
         return build
 
+    def composed(method, sections):
+        """A ComposedOptimizer (the trainer's) with ``method``'s rule on every parameter."""
+        def build():
+            from registry import OptimizerHyper, compose
+
+            params = make_params(device)
+            model = torch.nn.Module()
+            model.layers = torch.nn.ModuleList()
+            for p in params:
+                lin = torch.nn.Linear(SHAPE[1], SHAPE[0], bias=False, device=device)
+                lin.weight = p
+                block = torch.nn.Module()
+                block.wq = lin
+                model.layers.append(block)
+            comp = compose([method] if method else [], sections)
+            return params, comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=1e-3))
+        return build
+
     return [
+        ("ComposedOptimizer, AdamW rule", composed(None, {})),
+        ("ComposedOptimizer, GaLore rule", composed("galore", {"galore": {"rank": RANK, "update_proj_gap": 10**9}})),
+        ("ComposedOptimizer, APOLLO rule", composed("apollo", {"apollo": {"rank": RANK, "update_proj_gap": 10**9}})),
+        ("ComposedOptimizer, APOLLO-Mini rule", composed("apollo_mini", {"apollo_mini": {"update_proj_gap": 10**9}})),
+        ("ComposedOptimizer, Muon rule (fp32 NS)", composed("muon", {"muon": {"ns_dtype": "float32"}})),
+        ("ComposedOptimizer, SCALE rule", composed("scale", {"scale": {}})),
         ("torch AdamW, foreach", torch_adamw(True)),
         ("torch AdamW, for-loop", torch_adamw(False)),
         ("ProjectedAdamW, plain groups (foreach)", projected({})),

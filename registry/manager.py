@@ -34,6 +34,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.galore",
     "plugins.fira",
     "plugins.momentum_reset",
+    "plugins.apollo",
+    "plugins.muon",
+    "plugins.scale",
 )
 
 _lock = threading.RLock()

@@ -26,8 +26,8 @@ fi
 # The released optimizers the method tests compare against (tests/optim/reference_packages.py).
 # Without their dependencies: they need transformers for one version check and bitsandbytes for an
 # 8-bit variant the tests do not use; the tests import just their optimizer modules.
-REFERENCE_PACKAGES=(galore-torch==1.0 fira==1.0.2)
-if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('galore_torch') and u.find_spec('fira')))"; then
+REFERENCE_PACKAGES=(galore-torch==1.0 fira==1.0.2 apollo-torch==1.0.3)
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('galore_torch') and u.find_spec('fira') and u.find_spec('apollo_torch')))"; then
   echo "[setup] installing the reference optimizers (no dependencies): ${REFERENCE_PACKAGES[*]}"
   "${VPIP[@]}" install -q --no-deps "${REFERENCE_PACKAGES[@]}"
 fi

@@ -59,8 +59,12 @@ SHAPES: dict[str, PaperShape] = {**PAPER_SHAPES, "tiny": TINY, "nano": NANO}
 _SIZE_SETTINGS: dict[str, dict[str, dict[str, float]]] = {
     "130m": {"sltrain": {"alpha": 16.0}},
     "350m": {"sltrain": {"alpha": 16.0}},
-    "1b": {"sltrain": {"alpha": 8.0}, "fira": {"scale": 0.0625}},
+    "1b": {"sltrain": {"alpha": 8.0}, "fira": {"scale": 0.0625}, "scale": {"lr_ratio": 0.2}},
+    "7b": {"scale": {"lr_ratio": 0.1}},
 }
+# Settings that stay put at every size although the method has a ``rank`` key (the flavor's rank
+# would otherwise be applied): APOLLO-Mini is rank 1 by definition.
+_ALL_SIZES: dict[str, dict[str, float]] = {"apollo_mini": {"rank": 1}}
 
 
 def paper_settings(flavor: str, methods: list[str], has_rank) -> dict[str, dict[str, float]]:
@@ -68,6 +72,9 @@ def paper_settings(flavor: str, methods: list[str], has_rank) -> dict[str, dict[
     ``has_rank(method)`` is true, plus the size-dependent settings above."""
     out: dict[str, dict] = {m: {"rank": SHAPES[flavor].rank} for m in methods if has_rank(m)}
     for method, values in _SIZE_SETTINGS.get(flavor, {}).items():
+        if method in methods:
+            out.setdefault(method, {}).update(values)
+    for method, values in _ALL_SIZES.items():
         if method in methods:
             out.setdefault(method, {}).update(values)
     return out

@@ -28,6 +28,12 @@ RECIPE_OVERRIDES: dict[str, list[str]] = {
     "sltrain": ["--sltrain.rank", "8"],
     "sltrain_restarts": ["--sltrain.rank", "8", "--refactorization.every", "2", "--momentum_reset.every", "2"],
     "low_rank_restarts": ["--low_rank.rank", "8", "--refactorization.every", "2", "--momentum_reset.every", "2"],
+    "apollo": ["--apollo.rank", "8", "--apollo.update_proj_gap", "2", "--slimtrain.methods", "apollo,momentum_reset",
+               "--momentum_reset.every", "2"],
+    "apollo_mini": ["--apollo_mini.update_proj_gap", "2"],
+    "muon": ["--slimtrain.methods", "muon,momentum_reset", "--momentum_reset.every", "2"],
+    "scale": ["--slimtrain.methods", "scale,momentum_reset", "--momentum_reset.every", "2"],
+    "sltrain_apollo_mini": ["--sltrain.rank", "8", "--apollo_mini.update_proj_gap", "2"],
 }
 
 

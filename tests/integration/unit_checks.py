@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 RECIPES = ["full_rank", "low_rank", "lora", "relora", "galore", "fira", "sltrain", "sltrain_restarts",
-           "low_rank_restarts"]
+           "low_rank_restarts", "apollo", "apollo_mini", "muon", "scale", "sltrain_apollo_mini"]
 # (methods, learning rate) each recipe must have (methods.md: paper defaults at 60M)
 EXPECTED = {
     "full_rank": ([], 1e-3),
@@ -38,6 +38,11 @@ EXPECTED = {
     "sltrain": (["sltrain"], 0.003),
     "sltrain_restarts": (["sltrain", "refactorization", "momentum_reset"], 0.003),
     "low_rank_restarts": (["low_rank", "refactorization", "momentum_reset"], 1e-3),
+    "apollo": (["apollo"], 0.01),
+    "apollo_mini": (["apollo_mini"], 0.01),
+    "muon": (["muon"], 1e-3),
+    "scale": (["scale"], 1e-3),
+    "sltrain_apollo_mini": (["sltrain", "apollo_mini"], 0.003),
 }
 
 
@@ -210,7 +215,7 @@ def check_every_recipe_composes():
         assert cfg.checkpoint.enable and not cfg.checkpoint.last_save_model_only, recipe
         for m in comp.methods:
             if getattr(m.config, "rank", None) is not None:
-                assert m.config.rank == 128, (recipe, m.name)
+                assert m.config.rank == (1 if m.name == "apollo_mini" else 128), (recipe, m.name)
 
 
 def check_lr_factor_and_true_step_after_resume():
