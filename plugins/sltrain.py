@@ -48,28 +48,52 @@ def draw_support(seed: int, fqn: str, m: int, n: int, delta: float) -> torch.Ten
 
 
 def dense_weight(b: torch.Tensor, a: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * B A + scatter(S): a fresh m x n tensor."""
-    w = b @ a
-    if scale != 1.0:
-        w.mul_(scale)
-    w.view(-1).index_add_(0, index, values.to(w.dtype))
-    return w
+    """scale * B A + scatter(S): a fresh m x n tensor.
+
+    Built as scatter(S) first, then ``addmm_`` into it: one m x n tensor, and no in-place write to
+    the output of a matmul (op-level selective activation checkpointing caches matmul outputs and
+    refuses to recompute once a cached tensor was mutated)."""
+    m, n = b.shape[0], a.shape[1]
+    w = torch.zeros(m * n, dtype=b.dtype, device=b.device)
+    w.index_add_(0, index, values.to(b.dtype))
+    return w.view(m, n).addmm_(b, a, alpha=scale)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype active for ``device_type`` (None when autocast is off)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 class SparseLowRankLinear(torch.autograd.Function):
-    """y = x W^T with W = scale B A + scatter(S), W rebuilt in backward instead of saved."""
+    """y = x W^T with W = scale B A + scatter(S), W rebuilt in backward instead of saved.
+
+    Under autocast (torchtitan's mixed precision on one device) the whole layer computes in the
+    autocast dtype, forward and backward, like an autocast ``F.linear``: inputs are cast once in
+    forward and the cast copies are saved, because the backward pass runs outside autocast and a
+    bf16 gradient times an fp32 input would not multiply. Gradients return in each input's dtype.
+    Under FSDP2 mixed precision the parameters already arrive in bf16 and nothing is cast.
+    """
 
     @staticmethod
     def forward(ctx, x, b, a, values, index, scale: float):
-        w = dense_weight(b, a, values, index, scale)
+        ctx.dtypes = (x.dtype, b.dtype, a.dtype, values.dtype)
+        compute = _autocast_dtype(x.device.type)
+        if compute is not None:
+            x, b, a, values = (t.to(compute) for t in (x, b, a, values))
+        with torch.autocast(x.device.type, enabled=False):
+            w = dense_weight(b, a, values, index, scale)
+            y = nn.functional.linear(x, w)
         ctx.save_for_backward(x, b, a, values, index)
         ctx.scale = scale
-        return nn.functional.linear(x, w)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
         x, b, a, values, index = ctx.saved_tensors
         scale = ctx.scale
+        gy = gy.to(x.dtype)
         need_x, need_b, need_a, need_v = ctx.needs_input_grad[:4]
         gx = gb = ga = gv = None
         if need_x:
@@ -78,12 +102,13 @@ class SparseLowRankLinear(torch.autograd.Function):
             m, n = b.shape[0], a.shape[1]
             gw = gy.reshape(-1, m).t() @ x.reshape(-1, n)  # transient m x n
             if need_v:
-                gv = gw.view(-1).index_select(0, index).to(values.dtype)
+                gv = gw.view(-1).index_select(0, index)
             if need_b:
                 gb = (gw @ a.t()).mul_(scale) if scale != 1.0 else gw @ a.t()
             if need_a:
                 ga = (b.t() @ gw).mul_(scale) if scale != 1.0 else b.t() @ gw
-        return gx, gb, ga, gv, None, None
+        grads = [g if g is None else g.to(dt) for g, dt in zip((gx, gb, ga, gv), ctx.dtypes)]
+        return (*grads, None, None)
 
 
 def sparse_lowrank_linear(x, b, a, values, index, scale: float, bias=None):

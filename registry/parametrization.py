@@ -94,8 +94,37 @@ def attach(linear: nn.Linear, p: LinearParametrization) -> None:
         original = getattr(plist, f"original{i}")
         if role in p.frozen_roles:
             original.requires_grad_(False)
-    # register_parametrization gave this module its own subclass, so this touches no other Linear.
+    _share_class(linear)
     type(linear).forward = _parametrized_linear_forward
+
+
+# register_parametrization gives every module its own new subclass (``ParametrizedLinear``, made
+# anew per call). torch.compile guards on the type of each submodule, so with per-module classes
+# every transformer block fails the guard of the one compiled before it and is compiled again: one
+# recompilation per block (measured: docs/gpu-path.md), past torch's recompile limit (8) at 1b
+# (24 blocks), where torchtitan's fullgraph=True compile then stops the run. All slimtrain-
+# parametrized Linears of one base class therefore share one class: the class parametrize adds
+# holds only generic members (the ``weight`` property reading ``self.parametrizations``, and the
+# forward set above), so sharing it changes no behaviour.
+_SHARED_CLASSES: dict[type, type] = {}
+
+
+def _share_class(linear: nn.Module) -> None:
+    own = type(linear)
+    base = own.__bases__[0]
+    shared = _SHARED_CLASSES.setdefault(base, own)
+    if shared is not own:
+        linear.__class__ = shared
+
+
+def bake(linear: nn.Module) -> None:
+    """Replace the parametrization of ``linear.weight`` by a plain weight holding the current W
+    (for export). Use this rather than ``parametrize.remove_parametrizations`` directly: that
+    deletes the ``weight`` property from the module's class, which other Linears share."""
+    shared = type(linear)
+    members = {k: shared.__dict__[k] for k in ("__getstate__", "__deepcopy__", "weight", "forward") if k in shared.__dict__}
+    linear.__class__ = type(shared.__name__, (shared.__bases__[0],), members)
+    parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
 
 
 def parametrization_of(linear: nn.Module) -> LinearParametrization | None:
