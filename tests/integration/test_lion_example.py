@@ -45,7 +45,7 @@ def site_env(site: Path) -> dict[str, str]:
 
 
 def test_lion_is_listed_from_its_distribution(lion_site):
-    code = "from registry.cli import main; main(['list', '--json'])"
+    code = "from titan_integration.cli import main; main(['list', '--json'])"
     proc = subprocess.run([sys.executable, "-c", code], env=site_env(lion_site), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
