@@ -101,7 +101,7 @@ class UpdateRule:
 
     Subclasses set ``method``, declare their state and implement ``step``; the docstring of each
     rule says which FSDP2 pattern it uses (elementwise on the local shard; ``registry.sharded.
-    RowShards`` all-reduce of a small product; or ``owner_rank_map`` for whole-matrix math).
+    RowShards`` all-reduce of a small product; or ``registry.sharded.OwnerRanks`` for whole-matrix math).
     """
 
     method: str = ""  # the owning method's name (errors name it)
