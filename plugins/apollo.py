@@ -83,21 +83,6 @@ def validate_apollo(cfg: ApolloConfig, section: str) -> None:
         raise ConfigError(f"[{section}] roles = () is empty; name at least one parameter role, e.g. 'weight'")
 
 
-def selects_with_any_shape(method: Method, spec: ParamSpec) -> bool:
-    """``Method.selects`` without its 2-D filter: a non-matrix parameter a recipe's ``roles`` name
-    (e.g. a bias) reaches the rule's ``check`` and fails before training, naming it, instead of being
-    routed to AdamW in silence."""
-    import fnmatch
-
-    from registry.targets import matches_any
-
-    return (
-        spec.trainable
-        and spec.is_linear
-        and any(fnmatch.fnmatchcase(spec.role, role) for role in method.target_roles())
-        and matches_any(spec.module, method.target_patterns())
-    )
-
 
 # -- the math, each piece on this rank's fp32 blocks ---------------------------------------------
 def gaussian_projection(shape: tuple[int, int], rank: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -230,7 +215,7 @@ class Apollo(Method):
     provides = frozenset({Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE})
 
     def selects(self, spec: ParamSpec) -> bool:
-        return selects_with_any_shape(self, spec)
+        return self.selects_any_shape(spec)
 
     def update_rule(self) -> ApolloRule:
         c = self.config

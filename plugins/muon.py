@@ -64,21 +64,6 @@ class MuonConfig:
             raise ConfigError("[muon] roles = () is empty; name at least one parameter role, e.g. 'weight'")
 
 
-def selects_with_any_shape(method: Method, spec: ParamSpec) -> bool:
-    """``Method.selects`` without its 2-D filter: a non-matrix parameter a recipe's ``roles`` name
-    (e.g. a bias) reaches the rule's ``check`` and fails before training, naming it, instead of being
-    routed to AdamW in silence."""
-    import fnmatch
-
-    from registry.targets import matches_any
-
-    return (
-        spec.trainable
-        and spec.is_linear
-        and any(fnmatch.fnmatchcase(spec.role, role) for role in method.target_roles())
-        and matches_any(spec.module, method.target_patterns())
-    )
-
 
 def newton_schulz(
     u: torch.Tensor, steps: int, coefficients=NS_COEFFICIENTS, eps: float = NS_EPS, dtype: torch.dtype = torch.bfloat16
@@ -158,7 +143,7 @@ class Muon(Method):
     provides = frozenset({Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE})
 
     def selects(self, spec: ParamSpec) -> bool:
-        return selects_with_any_shape(self, spec)
+        return self.selects_any_shape(spec)
 
     def update_rule(self) -> MuonRule:
         c = self.config

@@ -28,7 +28,6 @@ import torch
 from registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_range, hookimpl
 from registry.sharded import RowShards
 from registry.targets import matches_any
-from plugins.muon import selects_with_any_shape
 from registry.tensors import local_tensor
 from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
@@ -106,7 +105,7 @@ class Scale(Method):
 
     def selects(self, spec: ParamSpec) -> bool:
         """The Linear weights of ``targets`` plus the (non-Linear) embedding weights of ``embeddings``."""
-        if selects_with_any_shape(self, spec):
+        if self.selects_any_shape(spec):
             return True
         return (
             spec.trainable

@@ -11,6 +11,7 @@ torchtitan, so methods can be unit-tested on small models and reused by other tr
 from __future__ import annotations
 
 import dataclasses
+import math
 import enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -74,10 +75,7 @@ class ParamSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +127,13 @@ class Method:
         return tuple(getattr(self.config, "roles", ("weight",)))
 
     def selects(self, spec: ParamSpec) -> bool:
-        """Whether an optimizer/param-group hook of this method applies to ``spec``."""
+        """Whether an optimizer/param-group hook of this method applies to ``spec`` (2-D only)."""
+        return len(spec.shape) == 2 and self.selects_any_shape(spec)
+
+    def selects_any_shape(self, spec: ParamSpec) -> bool:
+        """``selects`` without its 2-D filter: a rule that overrides ``selects`` with this lets a
+        non-matrix parameter its ``roles`` name (e.g. a bias) reach the rule's ``check`` and fail
+        before training, naming it, instead of going to AdamW in silence."""
         import fnmatch
 
         from registry.targets import matches_any
@@ -137,7 +141,6 @@ class Method:
         return (
             spec.trainable
             and spec.is_linear
-            and len(spec.shape) == 2
             and any(fnmatch.fnmatchcase(spec.role, role) for role in self.target_roles())
             and matches_any(spec.module, self.target_patterns())
         )

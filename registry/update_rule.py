@@ -15,6 +15,7 @@ in that dtype through ``load_state_dict``, and refuses state the rule did not de
 from __future__ import annotations
 
 import dataclasses
+import math
 import enum
 from typing import TYPE_CHECKING, ClassVar
 
@@ -66,10 +67,7 @@ class StateSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)
