@@ -54,7 +54,10 @@ def main() -> None:
         mq = dequantize(*quantize(m, signed=True, **kw), signed=True, **kw)
         vq = dequantize(*quantize(v, signed=False, **kw), signed=False, **kw)
         upd = mq / (vq.sqrt() + eps)
-        print(f"| {kind} | {rel(mq, m):.4f} | {rel(vq, v):.4f} | {rel(upd, ref):.4f} |")
+        print(f"| {kind}, v stored | {rel(mq, m):.4f} | {rel(vq, v):.4f} | {rel(upd, ref):.4f} |")
+        vs = dequantize(*quantize(v.sqrt(), signed=False, **kw), signed=False, **kw) ** 2
+        upd = mq / (vs.sqrt() + eps)
+        print(f"| {kind}, sqrt(v) stored | {rel(mq, m):.4f} | {rel(vs, v):.4f} | {rel(upd, ref):.4f} |")
 
 
 if __name__ == "__main__":

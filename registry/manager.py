@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.galore",
     "plugins.fira",
     "plugins.momentum_reset",
+    "plugins.state_8bit",
 )
 
 _lock = threading.RLock()
