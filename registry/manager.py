@@ -35,6 +35,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.fira",
     "plugins.momentum_reset",
     "plugins.state_8bit",
+    "plugins.per_layer_updates",
 )
 
 _lock = threading.RLock()
