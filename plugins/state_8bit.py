@@ -6,8 +6,8 @@ composes with adamw, galore, fira and every rule that declares its state. Projec
 step counts and other non-moment state stay in full precision; so do 1-D moments (norm weights and
 biases: a negligible share, and a 1-D "rows" shard under FSDP2 would split blocks across ranks).
 
-Stored per moment ``<name>``: ``<name>.q8`` (uint8 codes, the moment's shape and layout) and
-``<name>.absmax`` (fp32, ``shape[:-1] + (n_blocks,)``, row-sharded like it). First moments use the
+Stored per moment ``<name>``: ``<name>_q8`` (uint8 codes, the moment's shape and layout) and
+``<name>_absmax`` (fp32, ``shape[:-1] + (n_blocks,)``, row-sharded like it). First moments use the
 signed map, second moments (names ending in ``exp_avg_sq`` or ``v``: the only unsigned moments the
 built-in rules declare) the unsigned map applied to ``sqrt(v)``: the update reads ``sqrt(v)``, and
 ``v`` spans twice the orders of magnitude of ``sqrt(v)``, so quantizing ``v`` itself rounds more small
@@ -69,7 +69,7 @@ class Quant8Codec(StateCodec):
     def stored_keys(self, decl: StateSpec) -> tuple[str, ...]:
         if not quantized(decl):
             return (decl.name,)
-        return (f"{decl.name}.q8", f"{decl.name}.absmax")
+        return (f"{decl.name}_q8", f"{decl.name}_absmax")
 
     def encode(self, decl: StateSpec, value: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         if not quantized(decl):

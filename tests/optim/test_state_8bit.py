@@ -96,11 +96,11 @@ def test_moments_are_uint8_projections_and_counters_full_precision():
     opt = build(comp, model, Quant8Codec())
     run(opt, model, data(3))
     s = opt.state[model.attention.wq.weight]
-    assert s["exp_avg.q8"].dtype == torch.uint8 and s["exp_avg_sq.q8"].dtype == torch.uint8
-    assert s["exp_avg.absmax"].dtype == torch.float32
+    assert s["exp_avg_q8"].dtype == torch.uint8 and s["exp_avg_sq_q8"].dtype == torch.uint8
+    assert s["exp_avg_absmax"].dtype == torch.float32
     assert "exp_avg" not in s and s["proj"].dtype == torch.float32
     norm = opt.state[model.norm.weight]  # 1-D: full precision
-    assert norm["exp_avg"].dtype == torch.float32 and "exp_avg.q8" not in norm
+    assert norm["exp_avg"].dtype == torch.float32 and "exp_avg_q8" not in norm
 
 
 @pytest.mark.parametrize("methods,cfg", [
@@ -139,9 +139,9 @@ def test_reset_zeroes_quantized_moments():
     opt = build(comp, model, Quant8Codec())
     run(opt, model, data(2))
     w = model.attention.wq.weight
-    assert opt.state[w]["exp_avg.absmax"].abs().sum() > 0
+    assert opt.state[w]["exp_avg_absmax"].abs().sum() > 0
     opt.reset_state([w])
-    assert opt.state[w]["exp_avg.absmax"].abs().sum() == 0
+    assert opt.state[w]["exp_avg_absmax"].abs().sum() == 0
 
 
 @pytest.mark.parametrize("key,value,allowed", [("block_size", 0, "integer > 0"), ("block_size", -256, "integer > 0"),
