@@ -37,6 +37,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.apollo",
     "plugins.muon",
     "plugins.scale",
+    "plugins.state_8bit",
+    "plugins.per_layer_updates",
 )
 
 _lock = threading.RLock()

@@ -50,6 +50,9 @@ def build_composition(job_config: Any) -> Composition:
     names = method_names(job_config)
     sections = {name: section_values(job_config, name) for name in names}
     composition = compose(names, sections)
+    from titan_integration.memory_layers import check_job
+
+    check_job(job_config, composition)  # state_8bit / per_layer_updates vs trainer settings
     from registry import get_methods
 
     for other in get_methods():

@@ -22,7 +22,7 @@ cpu_shim.apply()
 import torchtitan.protocols.train_spec as train_spec_module  # noqa: E402
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec  # noqa: E402
 
-from titan_integration import converter, data, optimizer, validation  # noqa: E402
+from titan_integration import converter, data, memory_layers, optimizer, validation  # noqa: E402
 from titan_integration.flavors import FLAVORS  # noqa: E402
 
 TRAIN_SPEC_NAME = "slimtrain_llama"
@@ -33,7 +33,7 @@ def build_train_spec() -> TrainSpec:
     return dataclasses.replace(
         base,
         model_args=FLAVORS,
-        build_optimizers_fn=optimizer.build_optimizers,
+        build_optimizers_fn=memory_layers.build_optimizers,  # optimizer.build_optimizers + 8-bit state, per-layer updates
         build_lr_schedulers_fn=optimizer.build_lr_schedulers,
         build_dataloader_fn=data.build_dataloader,
         build_tokenizer_fn=data.make_tokenizer_builder(FLAVORS),

@@ -30,9 +30,12 @@ def is_toml_path(recipe: str) -> bool:
     return recipe.endswith(".toml")
 
 
-def memory_row(recipe_name: str, flavor: str, rank: int | None = None) -> dict:
-    shape = PAPER_SHAPES[flavor]
-    dim, ffn, layers, heads = shape.dim, shape.ffn, shape.n_layers, shape.n_heads
+def recipe_composition(recipe_name: str, flavor: str, rank: int | None = None):
+    """The recipe's composition at ``flavor`` and the paper's size-dependent settings there.
+
+    A recipe named by its name takes the paper's settings for the flavor; a TOML path keeps its own
+    values. ``rank`` overrides the rank of both. Returns (recipe, composition, paper settings, from_toml).
+    """
     recipe = load_recipe(recipe_name)
     installed = get_methods()
     sections = {k: dict(v) for k, v in recipe.sections.items()}
@@ -46,7 +49,13 @@ def memory_row(recipe_name: str, flavor: str, rank: int | None = None) -> dict:
         for method in paper:
             if "rank" in paper[method]:
                 sections.setdefault(method, {})["rank"] = rank
-    comp = compose(recipe.methods, sections)
+    return recipe, compose(recipe.methods, sections), paper, from_toml
+
+
+def memory_row(recipe_name: str, flavor: str, rank: int | None = None) -> dict:
+    shape = PAPER_SHAPES[flavor]
+    dim, ffn, layers, heads = shape.dim, shape.ffn, shape.n_layers, shape.n_heads
+    recipe, comp, paper, from_toml = recipe_composition(recipe_name, flavor, rank)
     est = comp.estimate_memory(llama_dense_specs(dim, ffn, layers, PAPER_VOCAB, heads))
     used = {f"{m}.{k}": getattr(comp.method(m).config, k) for m, values in paper.items() for k in values}
     differs = {key: (value, paper[key.split(".")[0]][key.split(".")[1]]) for key, value in used.items()
@@ -95,6 +104,41 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def device_row(recipe_name: str, flavor: str, *, batch: int, seq_len: int, ac: str, rank: int | None = None) -> dict:
+    """What a GPU holds for one recipe (registry.activation_memory), in GB (1e9 B)."""
+    from registry.activation_memory import device_memory
+
+    shape = PAPER_SHAPES[flavor]
+    recipe, comp, _, from_toml = recipe_composition(recipe_name, flavor, rank)
+    mem = device_memory(
+        comp, llama_dense_specs(shape.dim, shape.ffn, shape.n_layers, PAPER_VOCAB, shape.n_heads),
+        dim=shape.dim, ffn=shape.ffn, layers=shape.n_layers, heads=shape.n_heads, vocab=PAPER_VOCAB,
+        batch=batch, seq_len=seq_len, ac=ac,
+    )
+    gb = lambda b: b / 1e9  # noqa: E731
+    return {
+        "recipe": recipe.name, "methods": comp.method_names, "flavor": flavor,
+        "settings_from": "toml" if from_toml else "paper", "batch": batch, "seq_len": seq_len,
+        "ac": ac, "weights_gb": gb(mem.weights), "gradients_gb": gb(mem.gradients), "optimizer_gb": gb(mem.optimizer),
+        "index_gb": gb(mem.index), "static_gb": gb(mem.static), "activations_gb": gb(mem.activations),
+        "total_gb": gb(mem.total),
+    }
+
+
+def format_device_table(rows: list[dict]) -> str:
+    out = [
+        "| recipe | methods | weights | gradients | optimizer | index | w+g+o+i | activations | total |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['recipe']} | {' + '.join(r['methods'])} | {r['weights_gb']:.2f} | {r['gradients_gb']:.2f} "
+            f"| {r['optimizer_gb']:.2f} | {r['index_gb']:.2f} | {r['static_gb']:.2f} | {r['activations_gb']:.2f} "
+            f"| {r['total_gb']:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimtrain memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--flavor", default="1b", choices=sorted(PAPER_SHAPES))
@@ -105,7 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rank", type=int, default=None, help="override the rank of every recipe")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--device", action="store_true",
+                        help="what a GPU holds: + gradients, index buffers and activations (--batch, --seq-len, --ac)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step (with --device)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (with --device)")
+    parser.add_argument("--ac", default="full", choices=("none", "selective", "full"),
+                        help="activation checkpointing (with --device)")
     args = parser.parse_args(argv)
+    if args.device:
+        try:
+            rows = [device_row(r.strip(), args.flavor, batch=args.batch, seq_len=args.seq_len, ac=args.ac, rank=args.rank)
+                    for r in args.recipes.split(",") if r.strip()]
+        except ValueError as exc:
+            print(f"slimtrain memory: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"GPU memory, LLaMA-{args.flavor}, batch {args.batch} x {args.seq_len} tokens, activation "
+                  f"checkpointing {args.ac} (bf16; GB = 1e9 B; registry/activation_memory.py)")
+            print(format_device_table(rows))
+        return 0
     try:
         rows = [memory_row(r.strip(), args.flavor, args.rank) for r in args.recipes.split(",") if r.strip()]
     except ValueError as exc:

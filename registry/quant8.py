@@ -1,0 +1,125 @@
+"""Block-wise 8-bit quantization of optimizer moments (what ``state_8bit`` stores).
+
+A tensor is cut, row by row along its LAST dimension, into blocks of ``block_size`` elements (the
+last block of a row may be shorter: sizes need not be a multiple of the block). Each block keeps one
+fp32 scale, its absolute maximum, and one uint8 code per element: the index of the nearest entry of
+a fixed codebook on [-1, 1] (signed, first moments) or [0, 1] (unsigned, second moments).
+
+Why row-aligned blocks: under FSDP2 a "rows" state tensor is a Shard(0) DTensor; blocks that never
+cross a row keep codes (same shape as the value) and scales (``shape[:-1] + (n_blocks,)``) shardable
+by the same rows, so DCP saves and reshards them like any other state.
+
+Why a codebook and which one: ``dynamic`` is a power map, ``sign(c) * |c / C|^3`` (C = 127 signed,
+255 unsigned), dense near zero, so the many small entries of a block whose absmax is set by one
+outlier keep their relative precision; ``linear`` is ``c / C``. On Adam-moment-like data the dynamic
+map's error in the update ``m / (sqrt(v) + eps)`` is many times smaller than the linear map's (the
+figures are in docs/methods/memory-layers.md, ``benchmarks/quant8_error.py``), so it is the default.
+
+Why not torchao: see docs/methods/memory-layers.md (its ``OptimState8bit`` works on CPU, but it is a
+tensor subclass with a single flat block list, gives a tensor whose size is not a multiple of the
+block one scale for the whole tail, and its wheels pin one torch version; slimtrain supports 2.11 to
+2.14 and stores state as plain tensors the composed optimizer and DCP handle unchanged).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = ["MAPS", "Quantized", "codebook", "dequantize", "max_gap", "n_blocks", "quantize"]
+
+MAPS = ("dynamic", "linear")
+_POWER = {"dynamic": 3.0, "linear": 1.0}
+
+
+def _check(kind: str, block_size: int) -> None:
+    if kind not in MAPS:
+        raise ValueError(f"quantization map = {kind!r}; allowed: {', '.join(MAPS)}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+        raise ValueError(f"block_size = {block_size!r}; allowed: an integer > 0")
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook_cpu(kind: str, signed: bool) -> torch.Tensor:
+    p = _POWER[kind]
+    if signed:
+        c = torch.arange(-127, 128, dtype=torch.float64) / 127.0
+    else:
+        c = torch.arange(0, 256, dtype=torch.float64) / 255.0
+    return (c.sign() * c.abs() ** p).to(torch.float32)
+
+
+def codebook(kind: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sorted code values (255 signed: code 0 is -1, code 127 is 0; 256 unsigned)."""
+    _check(kind, 1)
+    return _codebook_cpu(kind, signed).to(device)
+
+
+def max_gap(kind: str, signed: bool) -> float:
+    """Largest distance between neighbouring code values: nearest rounding errs by at most half
+    of it times the block's scale."""
+    cb = _codebook_cpu(kind, signed)
+    return float((cb[1:] - cb[:-1]).max())
+
+
+def n_blocks(last_dim: int, block_size: int) -> int:
+    return max(1, math.ceil(last_dim / block_size))
+
+
+class Quantized(tuple):
+    """(codes uint8 of the value's shape, scales fp32 of shape ``shape[:-1] + (n_blocks,)``)."""
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self[1]
+
+
+def _blocked(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, int]:
+    """``x`` as (rows, n_blocks, block_size), zero-padded at the end of each row."""
+    last = x.shape[-1] if x.dim() else 1
+    rows = x.reshape(-1, last)
+    nb = n_blocks(last, block_size)
+    pad = nb * block_size - last
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(rows.shape[0], nb, block_size), pad
+
+
+def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256) -> Quantized:
+    """Encode ``x`` (any float dtype, at least 1-D). Unsigned maps need ``x >= 0``; negative
+    entries round to 0. Non-finite input is refused (a NaN moment would poison every step after)."""
+    _check(kind, block_size)
+    if x.dim() == 0:
+        raise ValueError("quantize needs a tensor with at least one dimension")
+    xf = x.detach().to(torch.float32)
+    blocks, _ = _blocked(xf, block_size)
+    scales = blocks.abs().amax(dim=-1)  # (rows, nb)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    normed = (blocks / safe.unsqueeze(-1)).clamp_(-1.0, 1.0)
+    cb = codebook(kind, signed, x.device)
+    mids = (cb[1:] + cb[:-1]) * 0.5
+    codes = torch.bucketize(normed, mids).to(torch.uint8)
+    last = x.shape[-1]
+    codes = codes.reshape(codes.shape[0], -1)[:, :last].reshape(x.shape).contiguous()
+    return Quantized((codes, scales.reshape(*x.shape[:-1], scales.shape[-1]).contiguous()))
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode codes and scales from ``quantize`` back to a ``dtype`` tensor of the codes' shape."""
+    _check(kind, block_size)
+    cb = codebook(kind, signed, codes.device)
+    values = cb[codes.long()]
+    last = codes.shape[-1]
+    blocks, _ = _blocked(values, block_size)
+    out = blocks * scales.reshape(blocks.shape[0], blocks.shape[1], 1).to(torch.float32)
+    out = out.reshape(out.shape[0], -1)[:, :last].reshape(codes.shape)
+    return out.to(dtype)

@@ -1,0 +1,56 @@
+"""8-bit state and per-layer updates through the user's training command (run_many runs each training
+exactly as titan_integration/train.py does): SLTrain + GaLore on its factors + state_8bit +
+per_layer_updates + momentum_reset, at 1 and 2 ranks (FSDP2), resume bitwise; and the trainer
+settings per-layer updates cannot honour refused before training."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from .helpers import ROOT, offline_args, read_log, run_many
+
+pytestmark = pytest.mark.integration
+
+STEPS, HALF = 4, 2
+METHODS = ["sltrain", "galore", "state_8bit", "per_layer_updates", "momentum_reset"]
+SECTIONS = ('[sltrain]\nrank = 8\n\n[galore]\nrank = 4\nupdate_proj_gap = 2\nroles = ["B", "A"]\n\n'
+            '[state_8bit]\nblock_size = 16\n\n[momentum_reset]\nevery = 3\nwarmup_steps = 1\n\n')
+
+
+def recipe_toml(tmp_path) -> str:
+    text = (ROOT / "plugins" / "galore.toml").read_text()
+    text = re.sub(r'methods = \["galore"\]', "methods = " + repr(METHODS).replace("'", '"'), text)
+    text = re.sub(r"\[galore\]\n(?:.*\n)*?\n(?=\[model\])", SECTIONS, text)
+    text = text.replace("max_norm = 1.0", "max_norm = 0.0")
+    path = tmp_path / "memory_layers.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
+def test_memory_layers_train_and_resume_bitwise(offline_assets, tmp_path, nproc):
+    base = ["--job.config_file", recipe_toml(tmp_path), *offline_args(offline_assets)]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    runs = [
+        {"name": "straight", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(straight),
+                                      "--slimtrain.loss_log", f"{straight}.jsonl"]},
+        {"name": "half", "args": [*base, "--training.steps", str(HALF), "--lr_scheduler.total_steps", str(STEPS),
+                                  "--job.dump_folder", str(resumed), "--slimtrain.loss_log", f"{resumed}.jsonl"]},
+        {"name": "resume", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(resumed),
+                                    "--slimtrain.loss_log", f"{resumed}.jsonl"]},
+        {"name": "clipping", "args": [*base, "--training.steps", "1", "--training.max_norm", "1.0",
+                                      "--job.dump_folder", str(tmp_path / "clip")]},
+    ]
+    results = run_many(nproc, runs, tmp_path)
+    for kind in ("straight", "half", "resume"):
+        assert results[kind]["ok"], results[kind]["error"]
+    a, _ = read_log(tmp_path / "straight.jsonl")
+    b, _ = read_log(tmp_path / "resumed.jsonl")
+    assert [e["step"] for e in b] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(e["loss"]) for e in a)
+    assert [e["loss"] for e in b] == [e["loss"] for e in a]
+    assert not results["clipping"]["ok"]
+    assert re.search(r"\[per_layer_updates\] training.max_norm = 1.0", results["clipping"]["error"])
