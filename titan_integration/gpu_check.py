@@ -58,6 +58,9 @@ FRONTIER_RECIPES = ("apollo", "apollo_mini", "muon", "scale", "sltrain_apollo_mi
 EVERY_10 = ("--galore.update_proj_gap", "10", "--fira.update_proj_gap", "10", "--apollo.update_proj_gap", "10",
             "--apollo_mini.update_proj_gap", "10", "--refactorization.every", "10", "--lora_merge.every", "10",
             "--momentum_reset.every", "10", "--momentum_reset.warmup_steps", "2")
+# the speed runs skip validation: its no_grad forward recompiles every compiled block once (dynamo's
+# grad-mode guard), tens of GPU seconds at 1b for a figure the speed comparison does not use
+NO_VALIDATION = ("--validation.no-enable",)
 MEMORY_7B = ("--flavor", "7b", "--recipes", f"plugins/{SINGLE_GPU_7B}.toml", "--device", "--batch", "16",
              "--seq-len", "256", "--ac", "full")
 
@@ -134,7 +137,7 @@ def plan(out: Path, smoke: bool) -> list[Step]:
     measured_7b = _train_step(
         "memory_7b", f"7b single-GPU recipe ({SINGLE_GPU_7B}, batch 16 x 256, full AC): real peak of 4 steps",
         150, [SINGLE_GPU_7B], flavor7b, 4, 16, 256, out / "memory_7b",
-        ("--validation.no-enable", *memory_7b_flags), rank=None)
+        (*NO_VALIDATION, *memory_7b_flags), rank=None)
     measured_7b.runs[0].overrides = {}  # the recipe as written (rank 512), as the memory model reads it
     if smoke:
         measured_7b.runs[0].batch, measured_7b.runs[0].seq_len = 2, 32
@@ -145,7 +148,7 @@ def plan(out: Path, smoke: bool) -> list[Step]:
                     seq, out / "bench_60m", (*compile_flags, *EVERY_10), rank),
         _train_step("speed_1b", f"{flavor1b} tokens/s and peak memory side by side (incl. the frontier methods), "
                     "compiled, selective activation checkpointing", 150, speed, flavor1b, steps, batch, seq,
-                    out / "bench_1b", (*compile_flags, "--activation_checkpoint.mode", "selective"), rank),
+                    out / "bench_1b", (*compile_flags, "--activation_checkpoint.mode", "selective", *NO_VALIDATION), rank),
         Step("galore_refresh", "GaLore refresh at 1B shapes: randomized vs full SVD (goal >= 20x)",
              [py, str(ROOT / "benchmarks/galore_refresh.py"), *refresh, "--loss-steps", "0", "--real-steps", "0",
               "--out", str(out / "galore_refresh.md")], 60),

@@ -26,6 +26,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_report(tmp_path):
                          ("speed_1b", "apollo_mini"), ("memory_7b", "sltrain_7b_single_gpu")}, set(rows)
     for key, r in rows.items():
         assert r["status"] == "ok" and r["final_train_loss"] > 0 and r["tokens_per_s"] > 0, (key, r)
+        assert (r["val_loss"] is None) == (key[0] != "recipes_60m"), (key, r)  # validation only at 60m
     assert rows[("memory_7b", "sltrain_7b_single_gpu")]["peak_memory_gib"] > 0
     md = next(tmp_path.glob("gpu_check_*.md")).read_text()
     assert "| recipes_60m |" in md and "| galore |" in md and "| sltrain_7b_single_gpu | sltrain + apollo_mini" in md
@@ -44,7 +45,8 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):
     speed = [ln for ln in lines if "bench_1b/runs/" in ln]
     assert [ln.split(":")[0].strip() for ln in speed] == [
         "full_rank", "galore", "fira", "low_rank", "sltrain", "apollo", "apollo_mini", "muon", "scale", "sltrain_apollo_mini"]
-    assert all("--model.flavor 1b" in ln and "--compile.enable --activation_checkpoint.mode selective" in ln for ln in speed)
+    assert all("--model.flavor 1b" in ln and "--compile.enable --activation_checkpoint.mode selective --validation.no-enable" in ln
+               for ln in speed)
     seven = runs["sltrain_7b_single_gpu"]
     assert "--model.flavor 7b" in seven and "--training.local_batch_size 16" in seven and "--sltrain.rank" not in seven
     for needle in ("galore_refresh.py", "parametrized_layers.py --device cuda --dtype bfloat16",
