@@ -5,7 +5,8 @@ every recipe (plugins/*.toml), with restarts and merges inside the run (every 2 
 same launch, ``--compile.enable`` on top for three recipes (SLTrain's custom autograd function with
 refactorization and momentum resets, selective AC; the dense model under Muon, selective AC; the 7B
 single-GPU recipe's per-layer updates, 8-bit state and APOLLO-Mini refreshes on FSDP2, full AC, which
-also resumes compiled). LoRA merges and the low-rank refactorization are compiled at 1 rank only
+also resumes compiled); and bf16 alone, full AC alone and op-level selective AC alone (fp32) on
+SLTrain with refactorization. LoRA merges and the low-rank refactorization are compiled at 1 rank only
 (test_gpu_path_compile.py): at 2 ranks each costs ~45 s of compilation on 2 CPU cores.
 
 Each recipe: the bf16 + checkpointed run resumes bitwise (same mode), its losses are finite, falling
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import pytest
 
-from .gpu_path_plan import (ALL_RECIPES, BF16, BF16_TOL, COMPILE, check_close, check_compile_counts, check_trains,
-                            losses, plan, run)
+from .gpu_path_plan import (AC_TOL, ALL_RECIPES, BF16, BF16_TOL, COMPILE, FULL, SELECTIVE_OP, check_close,
+                            check_compile_counts, check_trains, losses, plan, run)
 from .helpers import run_many
 
 pytestmark = pytest.mark.integration
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 STEPS, HALF = 6, 3
 COMPILED = ("sltrain_restarts", "muon", "sltrain_7b_single_gpu")
 COMPILED_RESUME = "sltrain_7b_single_gpu"
+SINGLY = "sltrain_restarts"  # bf16 alone, full AC alone, op-level selective AC alone (eager: cheap)
 
 
 def test_every_recipe_bf16_with_activation_checkpointing_two_ranks(offline_assets, tmp_path):
@@ -43,6 +45,9 @@ def test_every_recipe_bf16_with_activation_checkpointing_two_ranks(offline_asset
         if r == COMPILED_RESUME:
             runs += [run(f"{r}/compiled_half", r, a, w, [*COMPILE, *gpu_path], HALF, f"{r}_cresumed", STEPS, checkpoint=True),
                      run(f"{r}/compiled_resume", r, a, w, [*COMPILE, *gpu_path], STEPS, f"{r}_cresumed", checkpoint=True)]
+    s = SINGLY
+    runs += [run(f"{s}/bf16", s, a, w, BF16), run(f"{s}/full", s, a, w, FULL),
+             run(f"{s}/selective_op", s, a, w, SELECTIVE_OP)]
     results = run_many(2, plan(runs), w, timeout=900)
     got = {}
     for r in runs:
@@ -61,5 +66,9 @@ def test_every_recipe_bf16_with_activation_checkpointing_two_ranks(offline_asset
             check_trains(name, got[f"{r}/{kind}"])
             check_close(name, got[f"{r}/{kind}"], fp32, BF16_TOL, must_differ=True)
         assert got[f"{r}/resume"] == got[f"{r}/straight"], f"{r}: bf16 resume not bitwise"
+    for name, tol, differ in [(f"{s}/bf16", BF16_TOL, True), (f"{s}/full", AC_TOL, False),
+                              (f"{s}/selective_op", AC_TOL, False)]:
+        check_trains(name, got[name])
+        check_close(name, got[name], got[f"{s}/fp32"], tol, must_differ=differ)
     r = COMPILED_RESUME
     assert got[f"{r}/compiled_resume"] == got[f"{r}/compiled"], f"{r}: compiled bf16 FSDP2 resume not bitwise"
