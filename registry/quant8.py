@@ -28,7 +28,7 @@ import math
 
 import torch
 
-__all__ = ["MAPS", "Quantized", "codebook", "dequantize", "max_gap", "n_blocks", "quantize"]
+__all__ = ["MAPS", "Quantized", "codebook", "dequantize", "max_gap", "n_blocks", "nearest_codes", "quantize"]
 
 MAPS = ("dynamic", "linear")
 _POWER = {"dynamic": 3.0, "linear": 1.0}
@@ -91,6 +91,32 @@ def _blocked(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, int]:
     return rows.reshape(rows.shape[0], nb, block_size), pad
 
 
+def nearest_codes(normed: torch.Tensor, kind: str, signed: bool) -> torch.Tensor:
+    """Index of the nearest codebook entry for every element of ``normed`` (in [-1, 1], or [0, 1]
+    unsigned), ties to the lower code: what ``torch.bucketize(normed, midpoints)`` returns, but
+    without its binary search, which on CPU took 92% of an 8-bit AdamW step (0.39 of 0.43 s at the
+    tiny flavor). The map is a power, so its inverse gives the code just below each value up to
+    rounding; one correction each way makes it exact, and the midpoint test picks the nearer code."""
+    cb = codebook(kind, signed, normed.device)
+    mids = (cb[1:] + cb[:-1]) * 0.5
+    last = cb.numel() - 2  # the lower code of the highest pair
+    center, half = (127.0, 127.0) if signed else (0.0, 255.0)
+    shape, normed = normed.shape, normed.reshape(-1)
+    u = normed.abs()
+    if _POWER[kind] != 1.0:
+        u.pow_(1.0 / _POWER[kind])
+    u.mul_(half)
+    if signed:
+        u.copysign_(normed).add_(center)
+    lo = u.floor_().clamp_(0, last).long()
+    lo -= (cb.index_select(0, lo) > normed).long()
+    lo.clamp_(0, last)
+    lo += (cb.index_select(0, lo + 1) <= normed).long()
+    lo.clamp_(0, last)
+    lo += (mids.index_select(0, lo) < normed).long()
+    return lo.to(torch.uint8).reshape(shape)
+
+
 def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256) -> Quantized:
     """Encode ``x`` (any float dtype, at least 1-D). Unsigned maps need ``x >= 0``; negative
     entries round to 0. Non-finite input is refused (a NaN moment would poison every step after)."""
@@ -102,9 +128,7 @@ def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size
     scales = blocks.abs().amax(dim=-1)  # (rows, nb)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     normed = (blocks / safe.unsqueeze(-1)).clamp_(-1.0, 1.0)
-    cb = codebook(kind, signed, x.device)
-    mids = (cb[1:] + cb[:-1]) * 0.5
-    codes = torch.bucketize(normed, mids).to(torch.uint8)
+    codes = nearest_codes(normed, kind, signed)
     last = x.shape[-1]
     codes = codes.reshape(codes.shape[0], -1)[:, :last].reshape(x.shape).contiguous()
     return Quantized((codes, scales.reshape(*x.shape[:-1], scales.shape[-1]).contiguous()))
@@ -117,7 +141,7 @@ def dequantize(
     """Decode codes and scales from ``quantize`` back to a ``dtype`` tensor of the codes' shape."""
     _check(kind, block_size)
     cb = codebook(kind, signed, codes.device)
-    values = cb[codes.long()]
+    values = cb.index_select(0, codes.reshape(-1).long()).reshape(codes.shape)  # faster than cb[codes] on CPU
     last = codes.shape[-1]
     blocks, _ = _blocked(values, block_size)
     out = blocks * scales.reshape(blocks.shape[0], blocks.shape[1], 1).to(torch.float32)
