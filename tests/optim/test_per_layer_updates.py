@@ -1,6 +1,7 @@
 """per_layer_updates: each parameter stepped in backward, gradient freed; the result equals the plain
 optimizer step (unsharded, and FSDP2 at 1 and 2 ranks on CPU/gloo) for AdamW, GaLore + 8-bit state +
-momentum reset, and low-rank + Fira + refactorization; bad input refused before training.
+momentum reset, low-rank + Fira + refactorization, APOLLO-Mini + Muon + momentum reset, and SCALE +
+8-bit state; bad input refused before training.
 
 The FSDP2 runs are fresh processes (this file is also the worker script), as in
 tests/methods/test_parametrized_fsdp.py.
@@ -34,6 +35,13 @@ RECIPES = {
          "fira": {"rank": 4, "update_proj_gap": 2, "targets": ["feed_forward.*"]},
          "refactorization": {"every": 2}},
     ),
+    "apollo_mini_muon_reset": (
+        ["apollo_mini", "muon", "momentum_reset"],
+        {"apollo_mini": {"update_proj_gap": 2, "targets": ["attention.*"]},
+         "muon": {"ns_dtype": "float32", "targets": ["feed_forward.*"]},
+         "momentum_reset": {"every": 3, "warmup_steps": 1}},
+    ),
+    "scale_8bit": (["scale", "state_8bit"], {"state_8bit": {"block_size": 16}}),
 }
 
 
