@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -35,17 +36,26 @@ def build(flavor: str, methods: list[str], sections: dict):
     return model, opt
 
 
-def time_steps(model, opt, tokens, steps: int) -> float:
-    times = []
+def one_step(model, opt, tokens) -> float:
+    t0 = time.perf_counter()
+    out = model(tokens)
+    torch.nn.functional.cross_entropy(out.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    opt.step()
+    opt.zero_grad()
+    return time.perf_counter() - t0
+
+
+def time_round_robin(built: dict, tokens, steps: int) -> dict[str, float]:
+    """Median step time per variant, the variants' steps interleaved (one step of each per round,
+    2 warm-up rounds): on a shared machine a change of load then hits every variant alike, where
+    timing the variants one after another compared their loads as much as their costs."""
+    times: dict[str, list[float]] = {name: [] for name in built}
     for i in range(steps + 2):
-        t0 = time.perf_counter()
-        out = model(tokens)
-        torch.nn.functional.cross_entropy(out.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
-        opt.step()
-        opt.zero_grad()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, (model, opt) in built.items():
+            t = one_step(model, opt, tokens)
+            if i >= 2:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -54,8 +64,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on shared cores)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     vocab = FLAVORS[args.flavor].vocab_size
     tokens = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     galore = {"galore": {"rank": 128, "update_proj_gap": 200}}
@@ -69,14 +80,15 @@ def main() -> None:
         ("galore + state_8bit + per_layer_updates", ["galore", "state_8bit", "per_layer_updates"], galore),
     ]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU {platform.machine()} "
-          f"(2 threads, shared machine), torch {torch.__version__}, flavor {args.flavor}, batch {args.batch} x "
-          f"{args.seq_len}, median of {args.steps} steps")
+          f"({args.threads} thread(s), shared machine: load average before {os.getloadavg()[0]:.1f}), torch "
+          f"{torch.__version__}, flavor {args.flavor}, batch {args.batch} x {args.seq_len}, median of {args.steps} "
+          f"interleaved steps")
+    built = {name: build(args.flavor, methods, sections) for name, methods, sections in variants}
+    medians = time_round_robin(built, tokens, args.steps)
     print("| recipe | step s | vs without |")
     print("|---|---|---|")
     base = {}
-    for name, methods, sections in variants:
-        model, opt = build(args.flavor, methods, sections)
-        t = time_steps(model, opt, tokens, args.steps)
+    for name, t in medians.items():
         root = name.split(" + ")[0]
         base.setdefault(root, t)
         print(f"| {name} | {t:.3f} | {t / base[root]:.2f}x |", flush=True)
