@@ -108,7 +108,7 @@ def nearest_codes(normed: torch.Tensor, kind: str, signed: bool) -> torch.Tensor
     u.mul_(half)
     if signed:
         u.copysign_(normed).add_(center)
-    lo = u.floor_().clamp_(0, last).long()
+    lo = u.nan_to_num_(nan=0.0).floor_().clamp_(0, last).long()  # NaN: any code; its block's scale is NaN
     lo -= (cb.index_select(0, lo) > normed).long()
     lo.clamp_(0, last)
     lo += (cb.index_select(0, lo + 1) <= normed).long()
@@ -119,7 +119,9 @@ def nearest_codes(normed: torch.Tensor, kind: str, signed: bool) -> torch.Tensor
 
 def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256) -> Quantized:
     """Encode ``x`` (any float dtype, at least 1-D). Unsigned maps need ``x >= 0``; negative
-    entries round to 0. Non-finite input is refused (a NaN moment would poison every step after)."""
+    entries round to 0. A block holding a NaN or an infinity gets a non-finite scale, so it decodes to
+    non-finite values: a diverged moment stays visible in the loss instead of being rounded away
+    (no error here: checking would cost a device sync per tensor per step)."""
     _check(kind, block_size)
     if x.dim() == 0:
         raise ValueError("quantize needs a tensor with at least one dimension")

@@ -116,3 +116,14 @@ def test_nearest_codes_equal_a_binary_search_over_the_midpoints(kind, signed, se
     if not signed:
         x = x.abs()
     assert torch.equal(nearest_codes(x, kind, signed), torch.bucketize(x, mids).to(torch.uint8))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entry_decodes_its_block_non_finite_and_leaves_other_blocks(bad):
+    x = torch.linspace(-1, 1, 12).reshape(2, 6)
+    x[0, 1] = bad
+    q = quantize(x, signed=True, kind="dynamic", block_size=3)
+    y = dequantize(q.codes, q.scales, signed=True, kind="dynamic", block_size=3)
+    assert not torch.isfinite(y[0, :3]).all()
+    assert torch.isfinite(y[0, 3:]).all() and torch.isfinite(y[1]).all()
+    assert torch.allclose(y[1], x[1], atol=max_gap("dynamic", True))
