@@ -86,3 +86,18 @@ def test_the_7b_run_is_skipped_with_a_note_when_the_memory_model_says_it_does_no
     assert gpu_check._fits_this_gpu(model) == "does not fit: the memory model says 7.36 GB, this GPU has 6.0 GB"
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=141e9))
     assert gpu_check._fits_this_gpu(model) == ""
+
+
+def test_a_check_without_torchtitan_names_the_wheels(monkeypatch, tmp_path):
+    import importlib.util
+
+    from titan_integration import gpu_check
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchtitan" else real(name, *a))
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # no .whl folder here
+    problems = gpu_check.check_environment(smoke=True, data_dir=None)
+    assert len(problems) == 1 and "torchtitan is not importable and there is no .whl folder" in problems[0]
+    assert "prepare-wheels.sh" in problems[0]
+    (tmp_path / ".whl").mkdir()
+    assert "no .whl folder" not in gpu_check.check_environment(smoke=True, data_dir=None)[0]
