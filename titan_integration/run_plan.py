@@ -44,12 +44,14 @@ def _reset_compile_state() -> None:
 
 
 def _free_memory() -> None:
-    """Drop the finished run's model and optimizer before the next run (its peak memory is
-    measured from torchtitan's monitor, which resets the allocator's peak when it is built)."""
+    """Drop the finished run's model, optimizer and compiled code before the next run (whose peak
+    memory is measured from torchtitan's monitor, which resets the allocator's peak when it is built)."""
     import gc
 
     import torch
+    import torch._dynamo
 
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -142,7 +144,6 @@ def main() -> None:
             if trainer is not None:
                 trainer.close()
             trainer = None
-            _free_memory()
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -150,6 +151,7 @@ def main() -> None:
                     os.environ[k] = v
         result["seconds"] = round(time.perf_counter() - started, 2)
         result["compile"] = _compile_counts()
+        _free_memory()  # after the counts: also drops dynamo's compiled code of this run
         results.append(result)
         if not dist.is_initialized() or dist.get_rank() == 0:
             with open(plan["results"] + ".tmp", "w") as f:
