@@ -1,0 +1,242 @@
+"""The GPU memory model (registry/activation_memory.py) against torch's MemTracker on CPU.
+
+One training step (forward, loss, backward, optimizer step; with ``per_layer_updates`` the updates
+happen in backward) of the flavor's torchtitan LLaMA in fp32 (``bytes_per_element = act_bytes = 4``)
+on ``batch x seq_len`` random tokens, measured by ``torch.distributed._tools.mem_tracker.MemTracker``
+(a dispatch mode that sees every tensor storage created and freed and files it as parameter,
+buffer, gradient, activation, temporary or optimizer state). The step measured is the SECOND one:
+the first creates the optimizer state, as in training.
+
+What is compared with the model, category by category:
+* weights: parameter storage; index: the buffers whose name ends in ``index`` (SLTrain's support);
+* optimizer: optimizer-state storage after the step (what persists between steps);
+* gradients: the most gradient storage alive at once during the step;
+* activations: what is alive at the end of the forward and loss (what backward keeps), less the
+  weights, buffers and state alive before the step;
+* peak: the most storage alive at once (every category), against ``DeviceMemory.peak``.
+
+``python benchmarks/memory_tracker.py --flavor tiny,60m`` writes
+docs/benchmarks/memory_model_vs_memtracker.md (``--out -`` prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CATEGORIES = ("weights", "gradients", "optimizer", "index", "activations", "peak")
+
+
+def recipes(rank: int) -> dict[str, tuple[list[str], dict]]:
+    """The issue's compositions at ``rank`` (SLTrain at half of it: its factors and sparse part)."""
+    return {
+        "full_rank": (["adamw"], {}),
+        "galore": (["galore"], {"galore": {"rank": rank}}),
+        "galore + state_8bit": (["galore", "state_8bit"], {"galore": {"rank": rank}}),
+        "galore + per_layer_updates": (["galore", "per_layer_updates"], {"galore": {"rank": rank}}),
+        "sltrain + apollo_mini + state_8bit + per_layer_updates": (
+            ["sltrain", "apollo_mini", "state_8bit", "per_layer_updates"],
+            {"sltrain": {"rank": rank // 2, "delta": 0.01}, "apollo_mini": {"roles": ["B", "A"], "rank": 1}},
+        ),
+    }
+
+
+def _tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class CategoryMaxTracker(MemTracker):
+        """MemTracker that also keeps the most bytes each category held at once."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.category_max: dict[str, int] = {}
+
+        def _update_peak_stats(self, peak_state) -> None:
+            super()._update_peak_stats(peak_state)
+            for snap in self._curr_mem_snap.values():
+                for key, value in snap.items():
+                    name = getattr(key, "name", str(key))
+                    if value > self.category_max.get(name, 0):
+                        self.category_max[name] = value
+
+    return CategoryMaxTracker
+
+
+def _snap(tracker, kind: str = "current") -> dict[str, int]:
+    out = tracker.get_tracker_snapshot(kind).get(torch.device("cpu"), {})
+    return {getattr(k, "name", str(k)): int(v) for k, v in out.items()}
+
+
+def apply_activation_checkpointing(model, ac: str) -> None:
+    """torchtitan's own wrapping (what the trainer applies): ``full`` every block, ``selective`` its
+    layer mode with ``selective_ac_option = "2"`` (every second block)."""
+    from torchtitan.config.job_config import ActivationCheckpoint
+    from torchtitan.distributed import activation_checkpoint as titan_ac
+
+    titan_ac._layer_sac_count = 0  # torchtitan counts blocks in a module global, across models
+    titan_ac.apply_ac(model, ActivationCheckpoint(mode=ac, selective_ac_option="2"))
+
+
+def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
+    """The flavor's model with the composition applied, its composed optimizer and memory layers."""
+    from plugins.per_layer_updates import PerLayerStepper
+    from plugins.state_8bit import install_codec
+    from registry import OptimizerHyper, compose
+    from titan_integration.flavors import build_model
+
+    comp = compose(methods, sections)
+    torch.manual_seed(0)
+    model = build_model(flavor)
+    comp.apply_parametrizations(model)
+    comp.init_parametrized(model)
+    if ac != "none":
+        apply_activation_checkpointing(model, ac)
+    opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=1e-3))
+    if "state_8bit" in methods:
+        install_codec(opt, comp.method("state_8bit").codec())
+    stepper = PerLayerStepper(opt) if "per_layer_updates" in methods else None
+    return comp, model, opt, stepper
+
+
+def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_len: int, ac: str = "none") -> dict:
+    """MemTracker's figures (bytes) for the second training step (see the module docstring)."""
+    comp, model, opt, _stepper = build(flavor, methods, sections, ac)
+    vocab = model.tok_embeddings.weight.shape[0] if hasattr(model.tok_embeddings, "weight") else None
+    gen = torch.Generator().manual_seed(1)
+    vocab = vocab or model.output.weight.shape[0]
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    labels = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    marks: dict[str, dict[str, int]] = {}
+
+    def step(tracker=None) -> None:
+        pred = model(tokens)
+        loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
+        del pred
+        if tracker is not None:
+            marks["forward"] = _snap(tracker)
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # creates the optimizer state
+    tracker = _tracker_class()()
+    tracker.track_external(model, opt, tokens, labels)
+    t0 = time.perf_counter()
+    with tracker:
+        before = _snap(tracker)
+        step(tracker)
+    seconds = time.perf_counter() - t0
+    after = _snap(tracker)
+    peak = _snap(tracker, "peak")
+    index = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("index"))
+    static_before = sum(before.get(k, 0) for k in ("PARAM", "BUFFER", "OPT", "OTH"))
+    return dict(
+        weights=before.get("PARAM", 0),
+        gradients=tracker.category_max.get("GRAD", 0),
+        optimizer=after.get("OPT", 0),
+        index=index,
+        activations=marks["forward"]["Total"] - static_before,
+        peak=peak.get("Total", 0),
+        peak_breakdown=peak,
+        seconds=seconds,
+    )
+
+
+def model_figures(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_len: int, ac: str = "none"):
+    """``registry.activation_memory.device_memory`` for the same composition, fp32 on CPU."""
+    from registry import compose, llama_dense_specs
+    from registry.activation_memory import device_memory
+    from titan_integration.flavors import FLAVORS, SHAPES
+
+    shape, vocab = SHAPES[flavor], FLAVORS[flavor].vocab_size
+    comp = compose(methods, sections)
+    return device_memory(
+        comp, llama_dense_specs(shape.dim, shape.ffn, shape.n_layers, vocab, shape.n_heads),
+        dim=shape.dim, ffn=shape.ffn, layers=shape.n_layers, heads=shape.n_heads, vocab=vocab,
+        batch=batch, seq_len=seq_len, ac=ac, bytes_per_element=4, act_bytes=4, device="cpu",
+    )
+
+
+def compare(flavor: str, name: str, *, batch: int, seq_len: int, ac: str) -> dict:
+    from titan_integration.flavors import SHAPES
+
+    methods, sections = recipes(SHAPES[flavor].rank)[name]
+    got = measure(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac)
+    est = model_figures(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac)
+    want = {k: getattr(est, k) for k in CATEGORIES}
+    return dict(flavor=flavor, recipe=name, ac=ac, batch=batch, seq_len=seq_len, measured=got, model=want)
+
+
+def error(measured: int, model: int) -> float:
+    """Relative error of the model against the measurement (0 when both are 0)."""
+    if measured == 0 and model == 0:
+        return 0.0
+    return (model - measured) / max(measured, 1)
+
+
+def format_rows(rows: list[dict]) -> str:
+    mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    out = [
+        "| flavor | recipe | AC | batch x seq | " + " | ".join(f"{c} MiB (model / measured, err)" for c in CATEGORIES) + " |",
+        "|---|---|---|---|" + "---|" * len(CATEGORIES),
+    ]
+    for r in rows:
+        cells = [
+            f"{mb(r['model'][c])} / {mb(r['measured'][c])} ({100 * error(r['measured'][c], r['model'][c]):+.1f}%)"
+            for c in CATEGORIES
+        ]
+        out.append(f"| {r['flavor']} | {r['recipe']} | {r['ac']} | {r['batch']} x {r['seq_len']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--flavor", default="tiny,60m")
+    ap.add_argument("--ac", default="none,selective,full")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--recipes", default=None, help="comma-separated names (default: all five)")
+    ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/memory_model_vs_memtracker.md"))
+    args = ap.parse_args(argv)
+    rows = []
+    for flavor in args.flavor.split(","):
+        names = args.recipes.split(",") if args.recipes else list(recipes(8))
+        for ac in args.ac.split(","):
+            for name in names:
+                r = compare(flavor, name, batch=args.batch, seq_len=args.seq_len, ac=ac)
+                rows.append(r)
+                print(format_rows([r]).splitlines()[-1], f"({r['measured']['seconds']:.1f} s)", flush=True)
+    table = format_rows(rows)
+    if args.out == "-":
+        print(table)
+        return 0
+    Path(args.out).write_text(render_doc(table, rows, args))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def render_doc(table: str, rows: list[dict], args) -> str:
+    worst = max(abs(error(r["measured"][c], r["model"][c])) for r in rows for c in CATEGORIES)
+    return (
+        "# The GPU memory model against torch's MemTracker (CPU)\n\n"
+        f"Date: {datetime.date.today().isoformat()}. Device: CPU ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, fp32 (4 bytes per weight, gradient, state and activation element).\n"
+        f"Command: `python benchmarks/memory_tracker.py --flavor {args.flavor} --ac {args.ac} --batch {args.batch} "
+        f"--seq-len {args.seq_len}`.\n\n"
+        + table + f"\n\nLargest error: {100 * worst:.1f}%.\n"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
