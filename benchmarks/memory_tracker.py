@@ -72,6 +72,18 @@ def _tracker_class():
     return CategoryMaxTracker
 
 
+def _peak_bw():
+    from torch.distributed._tools.mem_tracker import _ModState
+
+    return _ModState.PEAK_BW
+
+
+def _total_key():
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+
+    return _TOTAL_KEY
+
+
 def _snap(tracker, kind: str = "current") -> dict[str, int]:
     out = tracker.get_tracker_snapshot(kind).get(torch.device("cpu"), {})
     return {getattr(k, "name", str(k)): int(v) for k, v in out.items()}
@@ -139,6 +151,14 @@ def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_
     seconds = time.perf_counter() - t0
     after = _snap(tracker)
     peak = _snap(tracker, "peak")
+    blocks = {}
+    for stats in tracker.memory_tracking.values():
+        parts = stats.mod_fqn.split(".")
+        if len(parts) == 3 and parts[1] == "layers":
+            snaps = stats.snapshots.get(_peak_bw(), [])
+            totals = [int(v.get(_total_key(), 0)) for snap in snaps for v in snap.values()]
+            if totals:
+                blocks[int(parts[2])] = max(totals)
     index = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("index"))
     static_before = sum(before.get(k, 0) for k in ("PARAM", "BUFFER", "OPT", "OTH"))
     return dict(
@@ -149,6 +169,7 @@ def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_
         activations=marks["forward"]["Total"] - static_before,
         peak=peak.get("Total", 0),
         peak_breakdown=peak,
+        block_peaks=blocks,  # the most alive during each block's backward (its recompute included)
         seconds=seconds,
     )
 
@@ -175,7 +196,10 @@ def compare(flavor: str, name: str, *, batch: int, seq_len: int, ac: str) -> dic
     got = measure(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac)
     est = model_figures(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac)
     want = {k: getattr(est, k) for k in CATEGORIES}
-    return dict(flavor=flavor, recipe=name, ac=ac, batch=batch, seq_len=seq_len, measured=got, model=want)
+    static = est.weights + est.index + est.optimizer
+    blocks = {i: (static + est.phases[f"block {i}"], got["block_peaks"][i]) for i in sorted(got["block_peaks"])}
+    return dict(flavor=flavor, recipe=name, ac=ac, batch=batch, seq_len=seq_len, measured=got, model=want,
+                model_peak_phase=est.peak_phase, blocks=blocks)
 
 
 def error(measured: int, model: int) -> float:

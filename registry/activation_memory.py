@@ -52,7 +52,10 @@ Step workspace (what a rule's step allocates and frees; measured op by op with M
   after it; ``registry.quant8`` holds, while encoding one moment of n elements, the fp32 normalized
   blocks (4n), ``bucketize``'s int64 codes (8n) and the uint8 codes (1n), plus the fp32 copy being
   encoded (``sqrt(v)`` for second moments; the value itself for first moments in a non-fp32
-  dtype): 17n or 13n bytes, the larger of that and the rule's temporaries.
+  dtype): 17n or 13n bytes; rows padded to whole blocks count at their padded size P (and the
+  padded copy, 4P); decoding holds the int64 code indices and the gathered values (12n; 8n + 8P
+  when padded). The workspace is the decoded moments plus the larger of the codec's transient and
+  the rule's temporaries.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class DeviceMemory:
     activations: int
     peak: int = 0
     peak_phase: str = ""
+    #: bytes alive beyond weights + index + optimizer state at each modelled moment (``peak_phases``)
+    phases: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
     def static(self) -> int:
@@ -163,19 +168,33 @@ def _rule_temporaries(rule, group: list[ParamSpec]) -> int:
     return 2 * max(s.numel for s in group)
 
 
+def codec_transient_bytes(decl, block: int, bytes_per_element: int) -> int:
+    """Bytes ``registry.quant8`` holds at once encoding or decoding one moment (module docstring):
+    rows are zero-padded to whole blocks, so a moment whose last dimension is much smaller than the
+    block (APOLLO-Mini's m x 1 moments) costs the padded size ``P``, not its own."""
+    n = decl.numel
+    padded = (n // decl.shape[-1]) * math.ceil(decl.shape[-1] / block) * block
+    unsigned = decl.name.endswith("exp_avg_sq") or decl.name in ("v", "second_moment")
+    copy = ENCODE_COPY_BYTES * n if (unsigned or bytes_per_element != 4) else 0
+    if padded > n:
+        encode = copy + 4 * padded + ENCODE_BYTES * padded  # the padded copy, then as below
+        decode = 8 * n + 8 * padded  # gathered values and result, padded blocks and their product
+    else:
+        encode = copy + ENCODE_BYTES * n  # normalized fp32 blocks, int64 bucket indices, uint8 codes
+        decode = 12 * n  # int64 code indices and the gathered fp32 values
+    return max(encode, decode)
+
+
 def step_workspace_bytes(rule, group: list[ParamSpec], *, block: int | None, bytes_per_element: int) -> int:
     """Bytes one step of ``rule`` over ``group`` (stepped at once) allocates and frees."""
     temporaries = _rule_temporaries(rule, group) * bytes_per_element
-    decoded, encode = 0, 0
+    decoded, codec = 0, 0
     for spec in group:
         for decl in rule.state_specs(spec):
-            if not _quantized(decl, block):
-                continue
-            decoded += decl.numel * bytes_per_element
-            unsigned = decl.name.endswith("exp_avg_sq") or decl.name in ("v", "second_moment")
-            copy = unsigned or bytes_per_element != 4
-            encode = max(encode, decl.numel * (ENCODE_BYTES + (ENCODE_COPY_BYTES if copy else 0)))
-    return decoded + max(temporaries, encode)
+            if _quantized(decl, block):
+                decoded += decl.numel * bytes_per_element
+                codec = max(codec, codec_transient_bytes(decl, block, bytes_per_element))
+    return decoded + max(temporaries, codec)
 
 
 def _block_of(name: str) -> int | None:
@@ -330,4 +349,5 @@ def device_memory(
         activations=sum(s.kept(ac)) + s.head,
         peak=weights + extra + optimizer + phases[phase],
         peak_phase=phase,
+        phases=phases,
     )
