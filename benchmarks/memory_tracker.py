@@ -209,57 +209,121 @@ def error(measured: int, model: int) -> float:
     return (model - measured) / max(measured, 1)
 
 
-def format_rows(rows: list[dict]) -> str:
+def format_rows(rows: list[dict], extra: bool = False) -> str:
     mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    tail = " peak at | blocks |" if extra else ""
     out = [
-        "| flavor | recipe | AC | batch x seq | " + " | ".join(f"{c} MiB (model / measured, err)" for c in CATEGORIES) + " |",
-        "|---|---|---|---|" + "---|" * len(CATEGORIES),
+        "| flavor | recipe | AC | batch x seq | " + " | ".join(CATEGORIES) + " |" + tail,
+        "|---|---|---|---|" + "---|" * len(CATEGORIES) + ("---|---|" if extra else ""),
     ]
     for r in rows:
         cells = [
             f"{mb(r['model'][c])} / {mb(r['measured'][c])} ({100 * error(r['measured'][c], r['model'][c]):+.1f}%)"
             for c in CATEGORIES
         ]
-        out.append(f"| {r['flavor']} | {r['recipe']} | {r['ac']} | {r['batch']} x {r['seq_len']} | " + " | ".join(cells) + " |")
+        line = f"| {r['flavor']} | {r['recipe']} | {r['ac']} | {r['batch']} x {r['seq_len']} | " + " | ".join(cells) + " |"
+        if extra:
+            blocks = max((abs(error(g, m)) for m, g in r["blocks"].values()), default=0.0)
+            line += f" {r['model_peak_phase']} | {100 * blocks:.1f}% |"
+        out.append(line)
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--flavor", default="tiny,60m")
+    ap.add_argument("--flavor", default="tiny")
     ap.add_argument("--ac", default="none,selective,full")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--recipes", default=None, help="comma-separated names (default: all five)")
-    ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/memory_model_vs_memtracker.md"))
+    ap.add_argument("--json", default=str(ROOT / "docs/benchmarks/memory_model_vs_memtracker.json"),
+                    help="rows are merged into this file (same flavor, recipe, AC, batch and length replaced)")
+    ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/memory_model_vs_memtracker.md"),
+                    help="markdown rendered from every row of --json, or - to print this run's rows only")
     args = ap.parse_args(argv)
+    names = args.recipes.split(",") if args.recipes else list(recipes(8))
     rows = []
     for flavor in args.flavor.split(","):
-        names = args.recipes.split(",") if args.recipes else list(recipes(8))
         for ac in args.ac.split(","):
             for name in names:
                 r = compare(flavor, name, batch=args.batch, seq_len=args.seq_len, ac=ac)
+                r["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                r["device"] = device_line()
                 rows.append(r)
-                print(format_rows([r]).splitlines()[-1], f"({r['measured']['seconds']:.1f} s)", flush=True)
-    table = format_rows(rows)
+                print(format_rows([r]).splitlines()[-1], f"({r['measured']['seconds']:.1f} s tracked)", flush=True)
     if args.out == "-":
-        print(table)
+        print(format_rows(rows))
         return 0
-    Path(args.out).write_text(render_doc(table, rows, args))
-    print(f"wrote {args.out}")
+    saved = merge_rows(Path(args.json), rows)
+    Path(args.out).write_text(render_doc(saved))
+    print(f"wrote {args.json} and {args.out}")
     return 0
 
 
-def render_doc(table: str, rows: list[dict], args) -> str:
+def device_line() -> str:
+    import os
+
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores, shared), torch {torch.__version__}"
+
+
+def _key(r: dict) -> tuple:
+    return (r["flavor"], r["recipe"], r["ac"], r["batch"], r["seq_len"])
+
+
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    import json
+
+    saved = json.loads(path.read_text()) if path.exists() else []
+    new = {_key(r): _jsonable(r) for r in rows}
+    merged = [r for r in saved if tuple(r["key"]) not in new] + list(new.values())
+    order = {"tiny": 0, "nano": -1}
+    merged.sort(key=lambda r: (order.get(r["flavor"], 1), r["flavor"], r["batch"] * r["seq_len"], AC_ORDER.index(r["ac"]),
+                               list(recipes(8)).index(r["recipe"])))
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+AC_ORDER = ("none", "selective", "full")
+
+
+def _jsonable(r: dict) -> dict:
+    measured = {k: v for k, v in r["measured"].items() if k in CATEGORIES}
+    return dict(key=list(_key(r)), flavor=r["flavor"], recipe=r["recipe"], ac=r["ac"], batch=r["batch"],
+                seq_len=r["seq_len"], model=r["model"], measured=measured, model_peak_phase=r["model_peak_phase"],
+                blocks={str(i): list(v) for i, v in r["blocks"].items()}, date=r["date"], device=r["device"])
+
+
+def render_doc(rows: list[dict]) -> str:
     worst = max(abs(error(r["measured"][c], r["model"][c])) for r in rows for c in CATEGORIES)
-    return (
-        "# The GPU memory model against torch's MemTracker (CPU)\n\n"
-        f"Date: {datetime.date.today().isoformat()}. Device: CPU ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}, fp32 (4 bytes per weight, gradient, state and activation element).\n"
-        f"Command: `python benchmarks/memory_tracker.py --flavor {args.flavor} --ac {args.ac} --batch {args.batch} "
-        f"--seq-len {args.seq_len}`.\n\n"
-        + table + f"\n\nLargest error: {100 * worst:.1f}%.\n"
-    )
+    worst_block = max((abs(error(g, m)) for r in rows for m, g in r["blocks"].values()), default=0.0)
+    lines = [
+        "# The GPU memory model against torch's MemTracker (CPU)",
+        "",
+        "`registry/activation_memory.py` (``device=\"cpu\"``, fp32: 4 bytes per weight, gradient, state and",
+        "activation element) against `torch.distributed._tools.mem_tracker.MemTracker` on the second training",
+        "step (forward, fp32 cross-entropy, backward, optimizer step; per-layer updates step in backward) of the",
+        "flavor's torchtitan LLaMA, random tokens. Produced by `benchmarks/memory_tracker.py` (rows merged into",
+        "`memory_model_vs_memtracker.json`, this file rendered from it). Each cell: model / measured MiB",
+        "(model error). `peak at`: the moment the model puts the peak at (`registry/activation_memory.py`'s",
+        "docstring). `blocks`: the largest error over the blocks of the model's `block i` moment against",
+        "MemTracker's peak during that block's backward (its recompute included).",
+        "",
+        f"Largest error, categories and peak: {100 * worst:.1f}%; block moments: {100 * worst_block:.1f}%.",
+        "",
+    ]
+    for (flavor, batch, seq_len), group in _groups(rows):
+        first = group[0]
+        lines += [f"## {flavor}, batch {batch} x {seq_len} ({first['date']}, {first['device']})", ""]
+        lines.append(format_rows(group, extra=True))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _groups(rows: list[dict]):
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["flavor"], r["batch"], r["seq_len"]), []).append(r)
+    return list(out.items())
 
 
 if __name__ == "__main__":

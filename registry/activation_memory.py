@@ -56,6 +56,14 @@ Step workspace (what a rule's step allocates and frees; measured op by op with M
   padded copy, 4P); decoding holds the int64 code indices and the gathered values (12n; 8n + 8P
   when padded). The workspace is the decoded moments plus the larger of the codec's transient and
   the rule's temporaries.
+
+Not modelled (each below 2% at the measured sizes, or outside the issue's compositions): SLTrain's
+backward rebuilding its dense weight and that weight's gradient (two m x n transients, one layer at
+a time); the dense weight that ``torch.nn.utils.parametrize`` layers (low_rank, lora, relora) hand to
+``F.linear``, which saves it for backward; GaLore's projection refresh every ``update_proj_gap``
+steps; the RoPE table and the token ids; FSDP2 mixed precision's fp32 sharded parameters next to
+their bf16 copies (the paper's convention: every tensor at ``bytes_per_element``). On CUDA the loss
+is assumed to be the fp32 log-softmax of a cast copy, as on CPU (not measured on a GPU here).
 """
 
 from __future__ import annotations
