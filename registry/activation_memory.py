@@ -107,7 +107,7 @@ class DeviceMemory:
 
     @property
     def total(self) -> int:
-        """The categories summed (an upper bound; ``peak`` is the step's modelled peak)."""
+        """The categories summed: not the peak (transients come and go; see ``peak``)."""
         return self.static + self.activations
 
 
