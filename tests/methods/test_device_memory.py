@@ -1,6 +1,7 @@
 """The GPU memory model (registry/activation_memory.py) against the tensors a real training step holds:
 weights, gradients (all, or the per-layer peak), optimizer state (8-bit where state_8bit stores it) and
-index buffers, measured on a small torchtitan LLaMA in fp32 (bytes_per_element = 4), within 5%."""
+index buffers, measured on a small torchtitan LLaMA in fp32 (bytes_per_element = 4), within 5%.
+Activations and the step's peak: tests/methods/test_memory_tracker.py (torch's MemTracker)."""
 
 from __future__ import annotations
 

@@ -121,20 +121,20 @@ def device_row(recipe_name: str, flavor: str, *, batch: int, seq_len: int, ac: s
         "settings_from": "toml" if from_toml else "paper", "batch": batch, "seq_len": seq_len,
         "ac": ac, "weights_gb": gb(mem.weights), "gradients_gb": gb(mem.gradients), "optimizer_gb": gb(mem.optimizer),
         "index_gb": gb(mem.index), "static_gb": gb(mem.static), "activations_gb": gb(mem.activations),
-        "total_gb": gb(mem.total),
+        "total_gb": gb(mem.total), "peak_gb": gb(mem.peak), "peak_at": mem.peak_phase,
     }
 
 
 def format_device_table(rows: list[dict]) -> str:
     out = [
-        "| recipe | methods | weights | gradients | optimizer | index | w+g+o+i | activations | total |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | methods | weights | gradients | optimizer | index | w+g+o+i | activations | sum | peak | peak at |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['recipe']} | {' + '.join(r['methods'])} | {r['weights_gb']:.2f} | {r['gradients_gb']:.2f} "
             f"| {r['optimizer_gb']:.2f} | {r['index_gb']:.2f} | {r['static_gb']:.2f} | {r['activations_gb']:.2f} "
-            f"| {r['total_gb']:.2f} |"
+            f"| {r['total_gb']:.2f} | {r['peak_gb']:.2f} | {r['peak_at']} |"
         )
     return "\n".join(out)
 
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"GPU memory, LLaMA-{args.flavor}, batch {args.batch} x {args.seq_len} tokens, activation "
                   f"checkpointing {args.ac} (bf16; GB = 1e9 B; registry/activation_memory.py)")
             print(format_device_table(rows))
+            print("activations: what backward keeps at the end of the forward; sum: w+g+o+i + activations; peak: the "
+                  "largest modelled moment of a step (loss, a block's backward, a step with its workspace), its phase "
+                  "under 'peak at'")
         return 0
     try:
         rows = [memory_row(r.strip(), args.flavor, args.rank) for r in args.recipes.split(",") if r.strip()]
