@@ -78,9 +78,8 @@ class Quant8Codec(StateCodec):
         from registry.tensors import is_dtensor, local_tensor
 
         local = local_tensor(value)
-        if is_unsigned(decl):  # store sqrt(v): the update reads sqrt(v), and its range is half v's
-            local = local.float().clamp_min(0).sqrt()
-        codes, scales = quantize(local, signed=not is_unsigned(decl), kind=self.kind, block_size=self.block_size)
+        unsigned = is_unsigned(decl)  # stored as sqrt(v): the update reads sqrt(v), and its range is half v's
+        codes, scales = quantize(local, signed=not unsigned, kind=self.kind, block_size=self.block_size, sqrt=unsigned)
         ckey, skey = self.stored_keys(decl)
         old_c, old_s = state.get(ckey), state.get(skey)
         if old_c is not None and old_s is not None and tuple(local_tensor(old_s).shape) == tuple(scales.shape):
@@ -98,11 +97,11 @@ class Quant8Codec(StateCodec):
 
         ckey, skey = self.stored_keys(decl)
         codes = state[ckey]
+        unsigned = is_unsigned(decl)
         out = dequantize(
-            local_tensor(codes), local_tensor(state[skey]), signed=not is_unsigned(decl), kind=self.kind,
-            block_size=self.block_size, dtype=torch.float32,
+            local_tensor(codes), local_tensor(state[skey]), signed=not unsigned, kind=self.kind,
+            block_size=self.block_size, dtype=dtype, square=unsigned,
         )
-        out = (out.square() if is_unsigned(decl) else out).to(dtype)
         if is_dtensor(codes):
             out = _like(codes, out, decl.shape)
         return out

@@ -49,12 +49,13 @@ Step workspace (what a rule's step allocates and frees; measured op by op with M
   (elements) itself;
 * with ``state_8bit``, the composed optimizer decodes every quantized moment of the group before
   the rule runs (``bytes_per_element`` each, kept through the step) and encodes them one at a time
-  after it; ``registry.quant8`` holds, while encoding one moment of n elements, the fp32 normalized
-  blocks (4n), ``bucketize``'s int64 codes (8n) and the uint8 codes (1n), plus the fp32 copy being
-  encoded (``sqrt(v)`` for second moments; the value itself for first moments in a non-fp32
-  dtype): 17n or 13n bytes; rows padded to whole blocks count at their padded size P (and the
-  padded copy, 4P); decoding holds the int64 code indices and the gathered values (12n; 8n + 8P
-  when padded). The workspace is the decoded moments plus the larger of the codec's transient and
+  after it; ``registry.quant8`` works through a moment ``CHUNK_ELEMENTS`` (4M) at a time, whole rows,
+  and holds the new uint8 codes (1n) and fp32 scales, plus one chunk's temporaries of c elements:
+  the normalized fp32 blocks, their absolute values, the uint8 codes, the int64 lower codes and the
+  gathered midpoints (21c), the fp32 copy being encoded (``sqrt(v)`` for second moments, or the fp32
+  copy of a non-fp32 moment: 4c) and, for rows padded to whole blocks, the padded blocks (4P, and
+  21 bytes per padded element); decoding holds the int64 code indices and the gathered values of a
+  chunk (12c). The workspace is the decoded moments plus the larger of the codec's transient and
   the rule's temporaries.
 
 Not modelled (each below 2% at the measured sizes, or outside the issue's compositions): SLTrain's
@@ -81,9 +82,11 @@ PER_LAYER = "per_layer_updates"
 DEFAULT_OPTIMIZER = "adamw"
 OUTPUT = "output.weight"
 EMBEDDING = "tok_embeddings.weight"
-#: bytes per element ``registry.quant8`` holds while encoding one moment (see the module docstring)
-ENCODE_BYTES = 13
+#: bytes per element of one chunk ``registry.quant8`` holds while encoding (module docstring)
+ENCODE_BYTES = 21
 ENCODE_COPY_BYTES = 4
+#: ... and while decoding: the int64 code indices and the gathered fp32 values
+DECODE_BYTES = 12
 #: log-softmax of the loss: its saved output, the incoming and the outgoing gradient (fp32)
 LOSS_LOGIT_COPIES = 3
 
@@ -177,19 +180,23 @@ def _rule_temporaries(rule, group: list[ParamSpec]) -> int:
 
 
 def codec_transient_bytes(decl, block: int, bytes_per_element: int) -> int:
-    """Bytes ``registry.quant8`` holds at once encoding or decoding one moment (module docstring):
-    rows are zero-padded to whole blocks, so a moment whose last dimension is much smaller than the
-    block (APOLLO-Mini's m x 1 moments) costs the padded size ``P``, not its own."""
-    n = decl.numel
-    padded = (n // decl.shape[-1]) * math.ceil(decl.shape[-1] / block) * block
+    """Bytes ``registry.quant8`` holds at once encoding or decoding one moment (module docstring).
+    It works ``CHUNK_ELEMENTS`` at a time (whole rows), so beyond the new codes and scales only one
+    chunk's temporaries are alive; rows are zero-padded to whole blocks, so a moment whose last
+    dimension is much smaller than the block (APOLLO-Mini's m x 1 moments) costs its padded size."""
+    from registry.quant8 import CHUNK_ELEMENTS, n_blocks
+
+    n, last = decl.numel, decl.shape[-1]
+    rows = n // last
+    chunk_rows = min(rows, max(1, CHUNK_ELEMENTS // last))
+    c = chunk_rows * last
+    cp = chunk_rows * n_blocks(last, block) * block  # the chunk's elements, padded to whole blocks
     unsigned = decl.name.endswith("exp_avg_sq") or decl.name in ("v", "second_moment")
-    copy = ENCODE_COPY_BYTES * n if (unsigned or bytes_per_element != 4) else 0
-    if padded > n:
-        encode = copy + 4 * padded + ENCODE_BYTES * padded  # the padded copy, then as below
-        decode = 8 * n + 8 * padded  # gathered values and result, padded blocks and their product
-    else:
-        encode = copy + ENCODE_BYTES * n  # normalized fp32 blocks, int64 bucket indices, uint8 codes
-        decode = 12 * n  # int64 code indices and the gathered fp32 values
+    copy = ENCODE_COPY_BYTES * c if (unsigned or bytes_per_element != 4) else 0  # sqrt(v) or fp32 copy
+    padded = 4 * cp if cp > c else 0  # the zero-padded fp32 blocks
+    scales = 4 * rows * n_blocks(last, block)
+    encode = n + scales + copy + padded + ENCODE_BYTES * cp
+    decode = max(DECODE_BYTES * c, 4 * c + padded)  # int64 indices and gathered values; or values and padded blocks
     return max(encode, decode)
 
 

@@ -119,35 +119,64 @@ def nearest_codes(normed: torch.Tensor, kind: str, signed: bool) -> torch.Tensor
     return codes.reshape(shape)
 
 
-def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256) -> Quantized:
-    """Encode ``x`` (any float dtype, at least 1-D). Unsigned maps need ``x >= 0``; negative
-    entries round to 0. A block holding a NaN or an infinity gets a non-finite scale, so it decodes to
-    non-finite values: a diverged moment stays visible in the loss instead of being rounded away
-    (no error here: checking would cost a device sync per tensor per step)."""
+#: rows are encoded and decoded this many elements at a time (at least one row), so the codec's
+#: temporaries stay ~26 bytes x CHUNK_ELEMENTS (~100 MB) whatever the moment's size: a 7B embedding's
+#: moments (131M elements) would otherwise take ~3.4 GB of temporaries (the memory model counts this)
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(rows: int, last: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, last))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256,
+             sqrt: bool = False) -> Quantized:
+    """Encode ``x`` (any float dtype, at least 1-D); with ``sqrt``, encode ``sqrt(max(x, 0))`` (second
+    moments: see plugins/state_8bit.py) without a full-size copy. Unsigned maps need ``x >= 0``;
+    negative entries round to 0. A block holding a NaN or an infinity gets a non-finite scale, so it
+    decodes to non-finite values: a diverged moment stays visible in the loss instead of being
+    rounded away (no error here: checking would cost a device sync per tensor per step)."""
     _check(kind, block_size)
     if x.dim() == 0:
         raise ValueError("quantize needs a tensor with at least one dimension")
-    xf = x.detach().to(torch.float32)
-    blocks, _ = _blocked(xf, block_size)
-    scales = blocks.abs().amax(dim=-1)  # (rows, nb)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    normed = (blocks / safe.unsqueeze(-1)).clamp_(-1.0, 1.0)
-    codes = nearest_codes(normed, kind, signed)
     last = x.shape[-1]
-    codes = codes.reshape(codes.shape[0], -1)[:, :last].reshape(x.shape).contiguous()
-    return Quantized((codes, scales.reshape(*x.shape[:-1], scales.shape[-1]).contiguous()))
+    rows = x.detach().reshape(-1, last)
+    nb = n_blocks(last, block_size)
+    codes = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
+    scales = torch.empty((rows.shape[0], nb), dtype=torch.float32, device=x.device)
+    for a, b in _row_chunks(rows.shape[0], last):
+        part = rows[a:b].to(torch.float32)  # a view when x is fp32: nothing below writes into it
+        if sqrt:
+            part = part.clamp_min(0).sqrt_()
+        blocks, _ = _blocked(part, block_size)
+        amax = blocks.abs().amax(dim=-1)  # (chunk rows, nb)
+        scales[a:b] = amax
+        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+        normed = (blocks / safe.unsqueeze(-1)).clamp_(-1.0, 1.0)
+        codes[a:b] = nearest_codes(normed, kind, signed).reshape(b - a, -1)[:, :last]
+    return Quantized((codes.reshape(x.shape), scales.reshape(*x.shape[:-1], nb)))
 
 
 def dequantize(
     codes: torch.Tensor, scales: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, square: bool = False,
 ) -> torch.Tensor:
-    """Decode codes and scales from ``quantize`` back to a ``dtype`` tensor of the codes' shape."""
+    """Decode codes and scales from ``quantize`` back to a ``dtype`` tensor of the codes' shape;
+    ``square`` undoes ``quantize(..., sqrt=True)``."""
     _check(kind, block_size)
     cb = codebook(kind, signed, codes.device)
-    values = cb.index_select(0, codes.reshape(-1).long()).reshape(codes.shape)  # faster than cb[codes] on CPU
     last = codes.shape[-1]
-    blocks, _ = _blocked(values, block_size)
-    out = blocks * scales.reshape(blocks.shape[0], blocks.shape[1], 1).to(torch.float32)
-    out = out.reshape(out.shape[0], -1)[:, :last].reshape(codes.shape)
-    return out.to(dtype)
+    rows = codes.reshape(-1, last)
+    nb = n_blocks(last, block_size)
+    row_scales = scales.reshape(rows.shape[0], nb).to(torch.float32)
+    out = torch.empty(rows.shape, dtype=dtype, device=codes.device)
+    for a, b in _row_chunks(rows.shape[0], last):
+        values = cb.index_select(0, rows[a:b].reshape(-1).long()).reshape(b - a, last)  # faster than cb[codes] on CPU
+        blocks, _ = _blocked(values, block_size)
+        blocks.mul_(row_scales[a:b].unsqueeze(-1))
+        if square:
+            blocks.square_()
+        out[a:b] = blocks.reshape(b - a, -1)[:, :last]
+    return out.reshape(codes.shape)
