@@ -25,6 +25,8 @@ class MemoryEstimate:
     optimizer_state_elements: int
     extra_bytes: int
     bytes_per_element: int = 2
+    #: when state is not all stored at ``bytes_per_element`` (``state_8bit``): its bytes, as declared
+    stored_optimizer_bytes: int | None = None
 
     @property
     def weights_bytes(self) -> int:
@@ -32,6 +34,8 @@ class MemoryEstimate:
 
     @property
     def optimizer_bytes(self) -> int:
+        if self.stored_optimizer_bytes is not None:
+            return self.stored_optimizer_bytes
         return self.optimizer_state_elements * self.bytes_per_element
 
     @property
@@ -66,7 +70,18 @@ def estimate_memory(composition, dense: Iterable[ParamSpec], *, bytes_per_elemen
         optimizer_state_elements=optimizer_state_elements(composition, specs),
         extra_bytes=extra,
         bytes_per_element=bytes_per_element,
+        stored_optimizer_bytes=_stored_state_bytes(composition, specs, bytes_per_element),
     )
+
+
+def _stored_state_bytes(composition, specs: list[ParamSpec], bytes_per_element: int) -> int | None:
+    """With ``state_8bit`` the declared moments are stored in 8 bits plus block scales: the same count
+    as ``slimtrain memory --device`` (registry.activation_memory), so both tables agree."""
+    from registry.activation_memory import STATE_8BIT, optimizer_state_bytes
+
+    if STATE_8BIT not in composition.method_names:
+        return None
+    return optimizer_state_bytes(composition, specs, bytes_per_element=bytes_per_element)
 
 
 def optimizer_state_elements(composition, specs: Iterable[ParamSpec]) -> int:

@@ -90,3 +90,18 @@ def test_model_matches_the_tensors_of_a_real_step(recipe):
                                              bytes_per_element=4).optimizer
     if "per_layer_updates" in methods:
         assert 0 < measured["gradients"] < 0.5 * est.weights
+
+
+def test_the_analytic_table_counts_8bit_state_as_the_device_table_does():
+    """`slimtrain memory` (weights + state) and `--device` give one optimizer figure for a composition
+    with state_8bit: 1 byte per moment element plus the block scales, not 2."""
+    from registry import compose, llama_dense_specs
+    from registry.activation_memory import device_memory
+
+    dense = llama_dense_specs(64, 160, 2, 256, 4)
+    plain = compose(["galore"], {"galore": {"rank": 8}}).estimate_memory(dense)
+    comp = compose(["galore", "state_8bit"], {"galore": {"rank": 8}, "state_8bit": {"block_size": 32}})
+    est = comp.estimate_memory(dense)
+    dev = device_memory(comp, dense, dim=64, ffn=160, layers=2, heads=4, vocab=256, batch=1, seq_len=8, ac="full")
+    assert est.optimizer_bytes == dev.optimizer
+    assert plain.optimizer_bytes * 0.5 < est.optimizer_bytes < plain.optimizer_bytes * 0.75
