@@ -28,7 +28,7 @@ import math
 
 import torch
 
-__all__ = ["MAPS", "Quantized", "codebook", "dequantize", "max_gap", "n_blocks", "quantize"]
+__all__ = ["MAPS", "Quantized", "codebook", "dequantize", "max_gap", "n_blocks", "nearest_codes", "quantize"]
 
 MAPS = ("dynamic", "linear")
 _POWER = {"dynamic": 3.0, "linear": 1.0}
@@ -91,9 +91,39 @@ def _blocked(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, int]:
     return rows.reshape(rows.shape[0], nb, block_size), pad
 
 
+def nearest_codes(normed: torch.Tensor, kind: str, signed: bool) -> torch.Tensor:
+    """Index of the nearest codebook entry for every element of ``normed`` (in [-1, 1], or [0, 1]
+    unsigned), ties to the lower code: what ``torch.bucketize(normed, midpoints)`` returns, but
+    without its binary search, which on CPU took 92% of an 8-bit AdamW step (0.39 of 0.43 s at the
+    tiny flavor).
+
+    The map is a power, so its inverse gives ``lo``, the code just below each value, and the
+    midpoint between ``lo`` and ``lo + 1`` picks the nearer one. Rounding can put ``lo`` one off,
+    but only for a value within rounding error of a code value (that is where the inverse crosses an
+    integer), and such a value lies far from both neighbouring midpoints, so the same midpoint test
+    still returns that code (test_quant8 checks it against bucketize at the codes, the midpoints and
+    their float neighbours)."""
+    cb = codebook(kind, signed, normed.device)
+    mids = (cb[1:] + cb[:-1]) * 0.5
+    center, half = (127.0, 127.0) if signed else (0.0, 255.0)
+    shape, flat = normed.shape, normed.reshape(-1)
+    u = flat.abs()
+    if _POWER[kind] != 1.0:
+        u.pow_(1.0 / _POWER[kind])
+    u.mul_(half)
+    if signed:
+        u.copysign_(flat).add_(center)
+    lo = u.nan_to_num_(nan=0.0).floor_().clamp_(0, cb.numel() - 2)  # NaN: any code, its block's scale is NaN
+    codes = lo.to(torch.uint8)
+    codes.add_(mids.index_select(0, lo.long()) < flat)  # uint8 + bool: ~15x faster on CPU than int64 += bool
+    return codes.reshape(shape)
+
+
 def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256) -> Quantized:
     """Encode ``x`` (any float dtype, at least 1-D). Unsigned maps need ``x >= 0``; negative
-    entries round to 0. Non-finite input is refused (a NaN moment would poison every step after)."""
+    entries round to 0. A block holding a NaN or an infinity gets a non-finite scale, so it decodes to
+    non-finite values: a diverged moment stays visible in the loss instead of being rounded away
+    (no error here: checking would cost a device sync per tensor per step)."""
     _check(kind, block_size)
     if x.dim() == 0:
         raise ValueError("quantize needs a tensor with at least one dimension")
@@ -102,9 +132,7 @@ def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size
     scales = blocks.abs().amax(dim=-1)  # (rows, nb)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     normed = (blocks / safe.unsqueeze(-1)).clamp_(-1.0, 1.0)
-    cb = codebook(kind, signed, x.device)
-    mids = (cb[1:] + cb[:-1]) * 0.5
-    codes = torch.bucketize(normed, mids).to(torch.uint8)
+    codes = nearest_codes(normed, kind, signed)
     last = x.shape[-1]
     codes = codes.reshape(codes.shape[0], -1)[:, :last].reshape(x.shape).contiguous()
     return Quantized((codes, scales.reshape(*x.shape[:-1], scales.shape[-1]).contiguous()))
@@ -117,7 +145,7 @@ def dequantize(
     """Decode codes and scales from ``quantize`` back to a ``dtype`` tensor of the codes' shape."""
     _check(kind, block_size)
     cb = codebook(kind, signed, codes.device)
-    values = cb[codes.long()]
+    values = cb.index_select(0, codes.reshape(-1).long()).reshape(codes.shape)  # faster than cb[codes] on CPU
     last = codes.shape[-1]
     blocks, _ = _blocked(values, block_size)
     out = blocks * scales.reshape(blocks.shape[0], blocks.shape[1], 1).to(torch.float32)

@@ -8,7 +8,7 @@ per-layer check of every method runs here on ``ParamSpec``s: each parametrizing 
 parametrization of every targeted shape on the meta device (its own shape checks raise), every
 optimizer method's update rule checks the parameters it would own (GaLore's rank), and every
 param-group method sees the parameters it would select. The trainer also refuses run lengths that
-would train nothing.
+would train nothing, and GPU-path settings this machine or slimtrain cannot do (gpu_path.py).
 """
 
 from __future__ import annotations
@@ -49,5 +49,8 @@ def check_shapes(composition, model_args: Any) -> None:
 
 
 def check_before_model(job_config: Any, composition, model_args: Any) -> None:
+    from titan_integration import gpu_path
+
     check_run_length(job_config)
+    gpu_path.check_config(job_config)  # AC mode/option, compile and bf16 support of this machine
     check_shapes(composition, model_args)

@@ -1,69 +1,74 @@
-"""The GPU path on CPU: every recipe at 2 ranks (FSDP2 over gloo) with the recipes' bf16 mixed
-precision (``--slimtrain.cpu_mixed_precision``: FSDP2 parameters in bf16, reduction in fp32 as the
-recipes set it) and activation checkpointing (``full`` and ``selective``, alternating over the
-recipes), with restarts and merges inside the run (every 2 steps).
+"""The GPU path on CPU at 2 ranks: FSDP2 over gloo with the recipes' bf16 mixed precision
+(``--slimtrain.cpu_mixed_precision``: FSDP2 parameters in bf16, reduction in fp32 as the recipes set
+it) and activation checkpointing (``full`` and ``selective``, alternating over the recipes), for
+every recipe (plugins/*.toml), with restarts and merges inside the run (every 2 steps); and, in the
+same launch, ``--compile.enable`` on top for three recipes (SLTrain's custom autograd function with
+refactorization and momentum resets, selective AC; the dense model under Muon, selective AC; the 7B
+single-GPU recipe's per-layer updates, 8-bit state and APOLLO-Mini refreshes on FSDP2, full AC, which
+also resumes compiled); and bf16 alone, full AC alone and op-level selective AC alone (fp32) on
+SLTrain with refactorization. LoRA merges and the low-rank refactorization are compiled at 1 rank only
+(test_gpu_path_compile.py): at 2 ranks each costs ~45 s of compilation on 2 CPU cores.
 
-Each recipe: the bf16 + checkpointed run resumes bitwise (same mode), its losses are finite and
-within 0.05 of the fp32 run without checkpointing at every step. Why 0.05: bf16 keeps 8 bits of
-mantissa, a relative rounding of 2^-9 (0.2%) per stored value; the loss of the nano flavor is about
-8.8, so one rounding of it alone is about 0.02, and 6 steps of bf16 weights add a little more
-(measured at most about 1e-3 here). Activation checkpointing alone changes nothing in fp32 (it
-recomputes the same forward), so any larger gap is a bug of the mixed-precision path.
-
-Not here yet (issue 15 continues): ``--compile.enable`` for every recipe (a compiled nano run takes
-about 100 s on 2 CPU cores, too long for every recipe in CI; it trains, checked by hand for
-sltrain_restarts) and graph-break counts.
+Each recipe: the bf16 + checkpointed run resumes bitwise (same mode), its losses are finite, falling
+and within 0.05 of the fp32 run without checkpointing at every step (why 0.05: gpu_path_plan.py).
+Compiled runs: no graph break, no recompilation but the final validation's grad-mode one.
+1 rank (autocast) and every recipe compiled: test_gpu_path_compile.py. Coverage: docs/gpu-path.md.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from .helpers import RECIPE_OVERRIDES, offline_args, read_log, run_many
+from .gpu_path_plan import (AC_TOL, ALL_RECIPES, BF16, BF16_TOL, COMPILE, FULL, SELECTIVE_OP, check_close,
+                            check_compile_counts, check_trains, losses, plan, run)
+from .helpers import run_many
 
 pytestmark = pytest.mark.integration
 
 STEPS, HALF = 6, 3
-TOLERANCE = 0.05
+COMPILED = ("sltrain_restarts", "muon", "sltrain_7b_single_gpu")
+COMPILED_RESUME = "sltrain_7b_single_gpu"
+SINGLY = "sltrain_restarts"  # bf16 alone, full AC alone, op-level selective AC alone (eager: cheap)
 
 
 def test_every_recipe_bf16_with_activation_checkpointing_two_ranks(offline_assets, tmp_path):
-    a = offline_assets
-    recipes = list(RECIPE_OVERRIDES)
+    a, w = offline_assets, tmp_path
     runs, modes = [], {}
-    for i, r in enumerate(recipes):
+    for i, r in enumerate(ALL_RECIPES):
         modes[r] = "full" if i % 2 == 0 else "selective"
-        base = ["--job.config_file", f"plugins/{r}.toml", *offline_args(a), *RECIPE_OVERRIDES[r],
-                "--checkpoint.interval", "3"]
-        gpu_path = ["--slimtrain.cpu_mixed_precision", "--activation_checkpoint.mode", modes[r]]
-        fp32, straight, resumed = (tmp_path / f"{r}_{k}" for k in ("fp32", "straight", "resumed"))
-        runs += [
-            {"name": f"{r}/fp32", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(fp32),
-                                           "--checkpoint.no-enable", "--slimtrain.loss_log", f"{fp32}.jsonl"]},
-            {"name": f"{r}/straight", "args": [*base, *gpu_path, "--training.steps", str(STEPS),
-                                               "--job.dump_folder", str(straight),
-                                               "--slimtrain.loss_log", f"{straight}.jsonl"]},
-            {"name": f"{r}/half", "args": [*base, *gpu_path, "--training.steps", str(HALF),
-                                           "--lr_scheduler.total_steps", str(STEPS),
-                                           "--job.dump_folder", str(resumed),
-                                           "--slimtrain.loss_log", f"{resumed}.jsonl"]},
-            {"name": f"{r}/resume", "args": [*base, *gpu_path, "--training.steps", str(STEPS),
-                                             "--job.dump_folder", str(resumed),
-                                             "--slimtrain.loss_log", f"{resumed}.jsonl"]},
-        ]
-    results = run_many(2, runs, tmp_path)
-    for r in recipes:
-        for kind in ("fp32", "straight", "half", "resume"):
-            assert results[f"{r}/{kind}"]["ok"], f"{r}/{kind} ({modes[r]}): {results[f'{r}/{kind}']['error']}"
-        fp32, _ = read_log(tmp_path / f"{r}_fp32.jsonl")
-        straight, _ = read_log(tmp_path / f"{r}_straight.jsonl")
-        resumed, _ = read_log(tmp_path / f"{r}_resumed.jsonl")
-        assert [e["step"] for e in straight] == list(range(1, STEPS + 1)), r
-        assert all(math.isfinite(e["loss"]) for e in straight), r
-        assert [e["loss"] for e in resumed] == [e["loss"] for e in straight], f"{r}: bf16 resume not bitwise"
-        gaps = [abs(b["loss"] - f["loss"]) for b, f in zip(straight, fp32)]
-        assert max(gaps) <= TOLERANCE, f"{r} ({modes[r]}): bf16 vs fp32 loss gaps {gaps}"
-        # the bf16 run really ran in bf16: its losses are not the fp32 run's bits
-        assert [e["loss"] for e in straight] != [e["loss"] for e in fp32], f"{r}: bf16 run equals fp32"
+        gpu_path = [*BF16, "--activation_checkpoint.mode", modes[r]]
+        runs += [run(f"{r}/fp32", r, a, w), run(f"{r}/straight", r, a, w, gpu_path),
+                 run(f"{r}/half", r, a, w, gpu_path, HALF, f"{r}_resumed", STEPS, checkpoint=True),
+                 run(f"{r}/resume", r, a, w, gpu_path, STEPS, f"{r}_resumed", checkpoint=True)]
+        if r in COMPILED:
+            runs.append(run(f"{r}/compiled", r, a, w, [*COMPILE, *gpu_path]))
+        if r == COMPILED_RESUME:
+            runs += [run(f"{r}/compiled_half", r, a, w, [*COMPILE, *gpu_path], HALF, f"{r}_cresumed", STEPS, checkpoint=True),
+                     run(f"{r}/compiled_resume", r, a, w, [*COMPILE, *gpu_path], STEPS, f"{r}_cresumed", checkpoint=True)]
+    s = SINGLY
+    runs += [run(f"{s}/bf16", s, a, w, BF16), run(f"{s}/full", s, a, w, FULL),
+             run(f"{s}/selective_op", s, a, w, SELECTIVE_OP)]
+    results = run_many(2, plan(runs), w, timeout=900)
+    got = {}
+    for r in runs:
+        res = results[r["name"]]
+        assert res["ok"], f"{r['name']}: {res['error']}"
+        if r["compiled"]:
+            check_compile_counts(r["name"], res["compile"])
+        if not r["name"].endswith("half"):
+            got[r["name"]] = losses(r)
+    for r in ALL_RECIPES:
+        fp32 = got[f"{r}/fp32"]
+        check_trains(f"{r}/fp32", fp32)
+        kinds = ["straight", "compiled"] if r in COMPILED else ["straight"]
+        for kind in kinds:
+            name = f"{r}/{kind} ({modes[r]})"
+            check_trains(name, got[f"{r}/{kind}"])
+            check_close(name, got[f"{r}/{kind}"], fp32, BF16_TOL, must_differ=True)
+        assert got[f"{r}/resume"] == got[f"{r}/straight"], f"{r}: bf16 resume not bitwise"
+    for name, tol, differ in [(f"{s}/bf16", BF16_TOL, True), (f"{s}/full", AC_TOL, False),
+                              (f"{s}/selective_op", AC_TOL, False)]:
+        check_trains(name, got[name])
+        check_close(name, got[name], got[f"{s}/fp32"], tol, must_differ=differ)
+    r = COMPILED_RESUME
+    assert got[f"{r}/compiled_resume"] == got[f"{r}/compiled"], f"{r}: compiled bf16 FSDP2 resume not bitwise"

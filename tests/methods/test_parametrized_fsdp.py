@@ -8,13 +8,12 @@ no GPU and no torchrun: the parent picks a port and starts one process per rank.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.rank_workers import launch_ranks
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
 STEPS = 4
@@ -96,19 +95,7 @@ def worker() -> None:
 
 
 def launch(world: int, shard: bool, out_dir: Path) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_dir.mkdir()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   SHARD="1" if shard else "0", OUT_DIR=str(out_dir), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return launch_ranks(__file__, world, shard, out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """per_layer_updates: each parameter stepped in backward, gradient freed; the result equals the plain
 optimizer step (unsharded, and FSDP2 at 1 and 2 ranks on CPU/gloo) for AdamW, GaLore + 8-bit state +
-momentum reset, and low-rank + Fira + refactorization; bad input refused before training.
+momentum reset, low-rank + Fira + refactorization, APOLLO-Mini + Muon + momentum reset, and SCALE +
+8-bit state; bad input refused before training.
 
 The FSDP2 runs are fresh processes (this file is also the worker script), as in
 tests/methods/test_parametrized_fsdp.py.
@@ -9,13 +10,12 @@ tests/methods/test_parametrized_fsdp.py.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.rank_workers import launch_ranks
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
 STEPS = 4
@@ -34,6 +34,13 @@ RECIPES = {
          "fira": {"rank": 4, "update_proj_gap": 2, "targets": ["feed_forward.*"]},
          "refactorization": {"every": 2}},
     ),
+    "apollo_mini_muon_reset": (
+        ["apollo_mini", "muon", "momentum_reset"],
+        {"apollo_mini": {"update_proj_gap": 2, "targets": ["attention.*"]},
+         "muon": {"ns_dtype": "float32", "targets": ["feed_forward.*"]},
+         "momentum_reset": {"every": 3, "warmup_steps": 1}},
+    ),
+    "scale_8bit": (["scale", "state_8bit"], {"state_8bit": {"block_size": 16}}),
 }
 
 
@@ -112,20 +119,7 @@ def worker() -> None:
 
 
 def launch(world: int, shard: bool, out_dir: Path) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_dir.mkdir()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   SHARD="1" if shard else "0", OUT_DIR=str(out_dir), OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-        procs.append(subprocess.Popen([sys.executable, __file__], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return launch_ranks(__file__, world, shard, out_dir)
 
 
 @pytest.fixture(scope="module")

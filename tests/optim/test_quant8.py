@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.quant8 import codebook, dequantize, max_gap, n_blocks, quantize
+from registry.quant8 import codebook, dequantize, max_gap, n_blocks, nearest_codes, quantize
 
 shapes = st.one_of(
     st.tuples(st.integers(1, 700)),
@@ -101,3 +101,29 @@ def test_quantizing_row_shards_equals_quantizing_the_whole(rows, last, cut, bloc
     parts = [quantize(part, signed=signed, kind="dynamic", block_size=block) for part in (x[:cut], x[cut:])]
     assert torch.equal(torch.cat([p.codes for p in parts]), whole.codes)
     assert torch.equal(torch.cat([p.scales for p in parts]), whole.scales)
+
+
+@given(kind=st.sampled_from(["dynamic", "linear"]), signed=st.booleans(), seed=st.integers(0, 2**16),
+       log_scale=st.floats(-12, 0))
+def test_nearest_codes_equal_a_binary_search_over_the_midpoints(kind, signed, seed, log_scale):
+    """The closed-form code search against the plain statement: the number of code midpoints below
+    the value (torch.bucketize), on random values, the codebook entries and the midpoints themselves."""
+    cb = codebook(kind, signed)
+    mids = (cb[1:] + cb[:-1]) * 0.5
+    x = (torch.rand(4000, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * 10.0 ** log_scale
+    x = torch.cat([x, cb, mids, torch.nextafter(mids, torch.full_like(mids, 2.0)),
+                   torch.nextafter(mids, torch.full_like(mids, -2.0))]).clamp(-1.0, 1.0)
+    if not signed:
+        x = x.abs()
+    assert torch.equal(nearest_codes(x, kind, signed), torch.bucketize(x, mids).to(torch.uint8))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entry_decodes_its_block_non_finite_and_leaves_other_blocks(bad):
+    x = torch.linspace(-1, 1, 12).reshape(2, 6)
+    x[0, 1] = bad
+    q = quantize(x, signed=True, kind="dynamic", block_size=3)
+    y = dequantize(q.codes, q.scales, signed=True, kind="dynamic", block_size=3)
+    assert not torch.isfinite(y[0, :3]).all()
+    assert torch.isfinite(y[0, 3:]).all() and torch.isfinite(y[1]).all()
+    assert torch.allclose(y[1], x[1], atol=max_gap("dynamic", True))

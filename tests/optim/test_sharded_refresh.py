@@ -1,0 +1,66 @@
+"""The randomized refresh under FSDP2-style row sharding (gloo, 2 spawned CPU ranks): it returns the
+unsharded refresh's basis on every rank, and no collective it runs carries a gradient-sized
+matrix (only thin m x l / l x n ones), i.e. the gradient is never gathered."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SHAPES = [(40, 24), (24, 40)]
+RANK, POWER_ITERS = 5, 2
+
+
+def _gradient(shape):
+    gen = torch.Generator().manual_seed(7)
+    m, n = shape
+    return torch.randn(m, 8, generator=gen) @ torch.diag(torch.logspace(0, -2, 8)) @ torch.randn(8, n, generator=gen)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        from registry.sharded import RowShards
+        from registry.subspace import randomized_range, std_side
+
+        mesh = init_device_mesh("cpu", (world,))
+        out = {}
+        for shape in SHAPES:
+            rows = RowShards(distribute_tensor(_gradient(shape), mesh, [Shard(0)]))
+            moved: list[int] = []  # elements of every full matrix a collective produced
+            gather, allreduce = rows.gather_rows, rows.allreduce
+            rows.gather_rows = lambda t: moved.append(t.shape[1] * shape[0]) or gather(t)
+            rows.allreduce = lambda t: moved.append(t.numel()) or allreduce(t)
+            side = std_side(shape)
+            out[shape] = (randomized_range(rows, RANK, side, power_iters=POWER_ITERS, seed=3), moved)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded_refresh")
+    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["tall", "wide"])
+def test_sharded_randomized_refresh_gathers_no_gradient_and_matches_unsharded(sharded, shape):
+    from registry.sharded import RowShards
+    from registry.subspace import randomized_range, std_side
+
+    single = randomized_range(RowShards(_gradient(shape)), RANK, std_side(shape), power_iters=POWER_ITERS, seed=3)
+    m, n = shape
+    for result, moved in (r[shape] for r in sharded):
+        torch.testing.assert_close(result, single, rtol=0, atol=1e-4)
+        assert moved, "the refresh ran no collective: the test would not see a gather"
+        assert max(moved) <= RANK * max(m, n) < m * n
+    torch.testing.assert_close(sharded[0][shape][0], sharded[1][shape][0], rtol=0, atol=0)

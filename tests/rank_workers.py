@@ -1,0 +1,44 @@
+"""Launch a test file as its own worker script on ``world`` gloo ranks and collect what each rank
+saved (``rank<r>.pt`` in ``out_dir``).
+
+The FSDP2 equality tests (tests/methods/test_parametrized_fsdp.py, test_frontier_fsdp.py,
+tests/optim/test_per_layer_updates.py) each run fresh processes: a process group cannot be
+re-initialized in the pytest process, and fresh processes keep the ranks' RNG and thread settings
+independent of test order. The worker reads RANK, WORLD_SIZE, SHARD and OUT_DIR from its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(script: str | Path, world: int, shard: bool, out_dir: Path, *, timeout: float = 180) -> list[dict]:
+    """Run ``script`` once per rank (``world`` processes, one thread each) and load their results.
+    A rank that fails fails the test with the tail of its log."""
+    out_dir.mkdir()
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   SHARD="1" if shard else "0", OUT_DIR=str(out_dir), OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    logs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} of {world} failed:\n{log[-4000:]}"
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]

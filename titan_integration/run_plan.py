@@ -1,0 +1,167 @@
+"""Run several slimtrain trainings in ONE torchrun launch.
+
+    torchrun --nproc-per-node N -m titan_integration.run_plan PLAN.json
+
+Why: each launch of ``titan_integration/train.py`` spends seconds importing torch/torchtitan per
+process (tens of seconds with CUDA), plus torchtitan's 2 s end-of-training sleep; the integration
+tests and ``gpu_check`` need many short runs. This driver imports once and runs each entry of the
+plan exactly as ``titan_integration/train.py`` would (same argument completion, same registration,
+same ``SlimTrainer``), keeping the process group alive between runs (torchtitan skips
+re-initializing it). Only torchtitan's 2 s sleep is removed. Between runs torch._dynamo is reset,
+so every run compiles its own model as a fresh process would, and its compile counts are its own.
+
+PLAN.json: {"results": PATH, "runs": [{"name": str, "args": [...], "env": {...}}]}; rank 0 writes
+[{"name", "ok", "error", "seconds", "compile"}] to PATH after EVERY run (so a launch killed by a
+time limit keeps the finished runs). "compile": frames compiled, graphs, graph breaks (by reason)
+and recompilations (from torch._dynamo's "recompiles" log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import types
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(_HERE)
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = ROOT  # as train.py: this folder's module names must not shadow top-level ones
+elif ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _reset_compile_state() -> None:
+    """Each run compiles its own model: forget earlier runs' graphs and counters, so recompile
+    limits and the counts below are per run (as in a process that trains once)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _RECOMPILES.clear()
+
+
+def _free_memory() -> None:
+    """Drop the finished run's model, optimizer and compiled code before the next run (whose peak
+    memory is measured from torchtitan's monitor, which resets the allocator's peak when it is built)."""
+    import gc
+
+    import torch
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _compile_counts() -> dict:
+    """torch._dynamo's counters of this run: frames compiled, graphs, graph breaks by reason,
+    recompilations (frames compiled again after a guard failed)."""
+    from torch._dynamo.utils import counters
+
+    breaks = dict(counters["graph_break"])
+    return {
+        "frames": int(counters["frames"].get("ok", 0)),
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "graph_breaks": int(sum(breaks.values())),
+        "graph_break_reasons": {k[:200]: int(v) for k, v in breaks.items()},
+        "recompiles": _RECOMPILES.count,
+        "recompile_reasons": _RECOMPILES.reasons[:20],
+    }
+
+
+class _RecompileCounter(logging.Handler):
+    """Counts torch._dynamo's "recompiles" log records (one per recompilation, with the reason)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count, self.reasons = 0, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        msg = record.getMessage()
+        at = msg.find("triggered by")
+        self.reasons.append((msg[:120] + " ... " + msg[at:at + 400]) if at >= 0 else msg[:500])
+
+    def clear(self) -> None:
+        self.count, self.reasons = 0, []
+
+
+_RECOMPILES = _RecompileCounter()
+
+
+def _watch_recompiles() -> None:
+    import torch._logging
+
+    torch._logging.set_logs(recompiles=True)
+    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
+    logger.addHandler(_RECOMPILES)
+
+
+def main() -> None:
+    plan = json.load(open(sys.argv[1]))
+
+    from titan_integration import cpu_shim
+
+    cpu_shim.apply()
+
+    import torch.distributed as dist
+    import torchtitan.train as titan_train
+    from torchtitan.config import ConfigManager
+    from torchtitan.tools.logging import init_logger
+
+    # torchtitan sleeps 2 s at the end of every training; not useful between runs of one launch
+    titan_train.time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda s: None)
+    init_logger()
+    _watch_recompiles()
+
+    from registry import get_methods
+
+    get_methods()
+    from titan_integration import spec
+    from titan_integration.train import complete_argv
+    from titan_integration.trainer import SlimTrainer
+
+    spec.register()
+    results = []
+    for run in plan["runs"]:
+        saved_env = {k: os.environ.get(k) for k in run.get("env", {})}
+        os.environ.update(run.get("env", {}))
+        trainer = None
+        started = time.perf_counter()
+        _reset_compile_state()
+        try:
+            config = ConfigManager().parse_args(complete_argv(run["args"]))
+            trainer = SlimTrainer(config)
+            trainer.train()
+            result = {"name": run["name"], "ok": True, "error": None}
+        except Exception as exc:  # recorded for the test to assert on
+            result = {"name": run["name"], "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            if trainer is not None:
+                trainer.close()
+            trainer = None
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        result["compile"] = _compile_counts()
+        _free_memory()  # after the counts: also drops dynamo's compiled code of this run
+        results.append(result)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            with open(plan["results"] + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(plan["results"] + ".tmp", plan["results"])
+        if dist.is_initialized():
+            dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
