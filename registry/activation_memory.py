@@ -50,9 +50,10 @@ Step workspace (what a rule's step allocates and frees; measured op by op with M
 * with ``state_8bit``, the composed optimizer decodes every quantized moment of the group before
   the rule runs (``bytes_per_element`` each, kept through the step) and encodes them one at a time
   after it; ``registry.quant8`` holds, while encoding one moment of n elements, the fp32 normalized
-  blocks (4n), ``bucketize``'s int64 codes (8n) and the uint8 codes (1n), plus the fp32 copy being
-  encoded (``sqrt(v)`` for second moments; the value itself for first moments in a non-fp32
-  dtype): 17n or 13n bytes; rows padded to whole blocks count at their padded size P (and the
+  blocks (4n), ``nearest_codes``' fp32 work tensor (4n), the uint8 codes (1n), the int64 copy of the
+  lower codes (8n) and the midpoints gathered with it (4n), plus the fp32 copy being encoded
+  (``sqrt(v)`` for second moments; the value itself for first moments in a non-fp32 dtype): 25n or
+  21n bytes; rows padded to whole blocks count at their padded size P (and the
   padded copy, 4P); decoding holds the int64 code indices and the gathered values (12n; 8n + 8P
   when padded). The workspace is the decoded moments plus the larger of the codec's transient and
   the rule's temporaries.
@@ -82,7 +83,7 @@ DEFAULT_OPTIMIZER = "adamw"
 OUTPUT = "output.weight"
 EMBEDDING = "tok_embeddings.weight"
 #: bytes per element ``registry.quant8`` holds while encoding one moment (see the module docstring)
-ENCODE_BYTES = 13
+ENCODE_BYTES = 21
 ENCODE_COPY_BYTES = 4
 #: log-softmax of the loss: its saved output, the incoming and the outgoing gradient (fp32)
 LOSS_LOGIT_COPIES = 3
@@ -188,7 +189,7 @@ def codec_transient_bytes(decl, block: int, bytes_per_element: int) -> int:
         encode = copy + 4 * padded + ENCODE_BYTES * padded  # the padded copy, then as below
         decode = 8 * n + 8 * padded  # gathered values and result, padded blocks and their product
     else:
-        encode = copy + ENCODE_BYTES * n  # normalized fp32 blocks, int64 bucket indices, uint8 codes
+        encode = copy + ENCODE_BYTES * n  # normalized blocks, work tensor, codes, int64 indices, midpoints
         decode = 12 * n  # int64 code indices and the gathered fp32 values
     return max(encode, decode)
 
