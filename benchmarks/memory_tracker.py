@@ -89,21 +89,12 @@ def _snap(tracker, kind: str = "current") -> dict[str, int]:
     return {getattr(k, "name", str(k)): int(v) for k, v in out.items()}
 
 
-def apply_activation_checkpointing(model, ac: str) -> None:
-    """torchtitan's own wrapping (what the trainer applies): ``full`` every block, ``selective`` its
-    layer mode with ``selective_ac_option = "2"`` (every second block)."""
-    from torchtitan.config.job_config import ActivationCheckpoint
-    from torchtitan.distributed import activation_checkpoint as titan_ac
-
-    titan_ac._layer_sac_count = 0  # torchtitan counts blocks in a module global, across models
-    titan_ac.apply_ac(model, ActivationCheckpoint(mode=ac, selective_ac_option="2"))
-
-
 def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
     """The flavor's model with the composition applied, its composed optimizer and memory layers."""
     from plugins.per_layer_updates import PerLayerStepper
     from plugins.state_8bit import install_codec
     from registry import OptimizerHyper, compose
+    from titan_integration.bench.checkpointing import apply_activation_checkpointing
     from titan_integration.flavors import build_model
 
     comp = compose(methods, sections)
@@ -111,8 +102,7 @@ def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
     model = build_model(flavor)
     comp.apply_parametrizations(model)
     comp.init_parametrized(model)
-    if ac != "none":
-        apply_activation_checkpointing(model, ac)
+    apply_activation_checkpointing(model, ac)
     opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=1e-3))
     if "state_8bit" in methods:
         install_codec(opt, comp.method("state_8bit").codec())
