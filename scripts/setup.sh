@@ -31,4 +31,13 @@ if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_
   echo "[setup] installing the reference optimizers (no dependencies): ${REFERENCE_PACKAGES[*]}"
   "${VPIP[@]}" install -q --no-deps "${REFERENCE_PACKAGES[@]}"
 fi
+# torch.compile on CPU (the suite's compiled runs) generates C++ and calls $CXX or g++.
+if ! command -v "${CXX:-g++}" >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing g++ (torch.compile's CPU backend needs a C++ compiler)"
+    apt-get install -y -q g++ >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q g++ >/dev/null; }
+  else
+    echo "[setup] WARNING: no ${CXX:-g++}: --compile.enable on CPU and the suite's compiled runs need a C++ compiler" >&2
+  fi
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, torchtitan; print("torch", torch.__version__, "torchtitan", getattr(torchtitan, "__version__", "0.2.2"))')"

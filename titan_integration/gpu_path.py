@@ -14,6 +14,8 @@ it will really run.
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
 import torch
@@ -51,6 +53,12 @@ def check_compile(compile_config: Any, device_type: str) -> None:
             f"Python; run without --compile.enable"
         )
     backend = getattr(compile_config, "backend", "inductor")
+    if device_type == "cpu" and backend == "inductor" and cpu_cxx() is None:
+        raise ConfigError(
+            f"--compile.enable on CPU needs a C++ compiler (inductor's CPU code generator): "
+            f"{os.environ.get('CXX') or 'g++'} is not on PATH; install g++ (scripts/setup.sh does with apt), "
+            f"set CXX, or run without --compile.enable"
+        )
     if device_type == "cuda" and backend == "inductor":
         from torch.utils._triton import has_triton
 
@@ -60,6 +68,11 @@ def check_compile(compile_config: Any, device_type: str) -> None:
                 "is missing or does not match this torch; install it (the GPU wheels) or run without "
                 "--compile.enable"
             )
+
+
+def cpu_cxx() -> str | None:
+    """The C++ compiler inductor's CPU backend calls (its default: $CXX, else g++), if on PATH."""
+    return shutil.which(os.environ.get("CXX") or "g++")
 
 
 def _cpu_runs_bf16() -> str:

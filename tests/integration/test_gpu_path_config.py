@@ -100,3 +100,13 @@ def test_compile_counter_sees_recompiles_and_graph_breaks():
     assert counts["graph_breaks"] >= 1, counts
     run_plan._reset_compile_state()
     assert run_plan._compile_counts()["recompiles"] == 0
+
+
+def test_compile_on_cpu_without_a_cxx_compiler_is_refused(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler.*no-such-compiler-xyz"):
+        gpu_path.check_compile(NS(enable=True, backend="inductor"), "cpu")
+    gpu_path.check_compile(NS(enable=True, backend="aot_eager"), "cpu")  # only inductor emits C++
+    monkeypatch.delenv("CXX")
+    if gpu_path.cpu_cxx() is not None:
+        gpu_path.check_compile(NS(enable=True, backend="inductor"), "cpu")
