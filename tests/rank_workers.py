@@ -42,3 +42,35 @@ def launch_ranks(script: str | Path, world: int, shard: bool, out_dir: Path, *, 
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} of {world} failed:\n{log[-4000:]}"
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str):
+    """A small torchtitan LLaMA with ``comp``'s parametrizations, FSDP2-sharded per block when
+    ``shard``, every parameter written from a generator seeded by ``seed_label`` and its name (a
+    rank-independent stand-in for the model's own init: torch's RNG on DTensor shards is not), then
+    the parametrizations initialized."""
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+
+    from registry.parametrization import seeded_generator
+    from registry.tensors import write_full_
+
+    with torch.device("meta"):
+        model = Transformer(TransformerModelArgs(**tiny))
+    comp.apply_parametrizations(model)  # before sharding
+    if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            g = seeded_generator(seed_label, pname)
+            value = torch.ones(p.shape) if p.ndim == 1 else torch.randn(tuple(p.shape), generator=g) * 0.05
+            write_full_(p, value)
+        model.freqs_cis = model._precompute_freqs_cis()
+    comp.init_parametrized(model)
+    return model

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.rank_workers import launch_ranks
+from tests.rank_workers import build_model, launch_ranks
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
 STEPS = 5
@@ -67,34 +67,13 @@ COUNTER = None
 
 def run_recipe(name: str, rank: int, world: int, shard: bool) -> dict[str, torch.Tensor]:
     from torch import nn
-    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
     from registry import OptimizerHyper, StepContext, compose
-    from registry.parametrization import seeded_generator
-    from registry.tensors import full_tensor, write_full_
+    from registry.tensors import full_tensor
 
     methods, sections = RECIPES[name]
     comp = compose(methods, sections)
-    with torch.device("meta"):
-        model = Transformer(TransformerModelArgs(**TINY))
-    comp.apply_parametrizations(model)  # before sharding
-    if shard:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        # A rank-independent stand-in for the model's own init (torch's RNG on DTensor shards is not).
-        for pname, p in model.named_parameters():
-            g = seeded_generator("fsdp-test", pname)
-            value = torch.ones(p.shape) if p.ndim == 1 else torch.randn(tuple(p.shape), generator=g) * 0.05
-            write_full_(p, value)
-        model.freqs_cis = model._precompute_freqs_cis()
-    comp.init_parametrized(model)
+    model = build_model(comp, TINY, world=world, shard=shard, seed_label="fsdp-test")
     opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=1e-2, weight_decay=0.1))
     counter = COUNTER
     data = torch.randint(0, TINY["vocab_size"], (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(1))

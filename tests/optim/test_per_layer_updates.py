@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.rank_workers import launch_ranks
+from tests.rank_workers import build_model, launch_ranks
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
 STEPS = 4
@@ -46,35 +46,15 @@ RECIPES = {
 
 def run_recipe(name: str, rank: int, world: int, shard: bool, per_layer: bool) -> dict[str, torch.Tensor]:
     from torch import nn
-    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
     from plugins.per_layer_updates import PerLayerStepper
     from plugins.state_8bit import install_codec
     from registry import OptimizerHyper, StepContext, compose
-    from registry.parametrization import seeded_generator
-    from registry.tensors import full_tensor, write_full_
+    from registry.tensors import full_tensor
 
     methods, sections = RECIPES[name]
     comp = compose(methods, sections)
-    with torch.device("meta"):
-        model = Transformer(TransformerModelArgs(**TINY))
-    comp.apply_parametrizations(model)
-    if shard:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            g = seeded_generator("per-layer-test", pname)
-            value = torch.ones(p.shape) if p.ndim == 1 else torch.randn(tuple(p.shape), generator=g) * 0.05
-            write_full_(p, value)
-        model.freqs_cis = model._precompute_freqs_cis()
-    comp.init_parametrized(model)
+    model = build_model(comp, TINY, world=world, shard=shard, seed_label="per-layer-test")
     opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=LR, weight_decay=0.1))
     if "state_8bit" in methods:
         install_codec(opt, comp.method("state_8bit").codec())
