@@ -105,3 +105,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def resume_runs(base: list[str], root: Path, steps: int, half: int) -> list[dict]:
+    """run_many entries for a bitwise-resume check: ``straight`` (all steps in one go) and ``half``
+    then ``resume`` in one dump folder (stopped at ``half`` with the schedule of ``steps``, then
+    resumed); their loss logs are ``root/straight.jsonl`` and ``root/resumed.jsonl``."""
+    straight, resumed = root / "straight", root / "resumed"
+    return [
+        {"name": "straight", "args": [*base, "--training.steps", str(steps), "--job.dump_folder", str(straight),
+                                      "--slimtrain.loss_log", f"{straight}.jsonl"]},
+        {"name": "half", "args": [*base, "--training.steps", str(half), "--lr_scheduler.total_steps", str(steps),
+                                  "--job.dump_folder", str(resumed), "--slimtrain.loss_log", f"{resumed}.jsonl"]},
+        {"name": "resume", "args": [*base, "--training.steps", str(steps), "--job.dump_folder", str(resumed),
+                                    "--slimtrain.loss_log", f"{resumed}.jsonl"]},
+    ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import HERE, ROOT, TORCHRUN, _free_port, env, offline_args, read_log
+from .helpers import HERE, ROOT, TORCHRUN, _free_port, env, offline_args, read_log, resume_runs
 
 pytestmark = pytest.mark.integration
 
@@ -116,15 +116,7 @@ def recipe_toml(tmp_path: Path) -> str:
 @pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
 def test_lion_composes_trains_and_resumes_bitwise(lion_site, offline_assets, tmp_path, nproc):
     base = ["--job.config_file", recipe_toml(tmp_path), *offline_args(offline_assets)]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    runs = [
-        {"name": "straight", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(straight),
-                                      "--slimtrain.loss_log", f"{straight}.jsonl"]},
-        {"name": "half", "args": [*base, "--training.steps", str(HALF), "--lr_scheduler.total_steps", str(STEPS),
-                                  "--job.dump_folder", str(resumed), "--slimtrain.loss_log", f"{resumed}.jsonl"]},
-        {"name": "resume", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(resumed),
-                                    "--slimtrain.loss_log", f"{resumed}.jsonl"]},
-    ]
+    runs = resume_runs(base, tmp_path, STEPS, HALF)
     plan, results = tmp_path / "plan.json", tmp_path / "results.json"
     plan.write_text(json.dumps({"results": str(results), "runs": runs}))
     cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
@@ -135,8 +127,8 @@ def test_lion_composes_trains_and_resumes_bitwise(lion_site, offline_assets, tmp
     for r in json.loads(results.read_text()):
         assert r["ok"], (r["name"], r["error"])
     assert "lion:" in out and "galore:" in out and "adamw:" in out  # each rule got parameters
-    a, _ = read_log(Path(f"{straight}.jsonl"))
-    b, _ = read_log(Path(f"{resumed}.jsonl"))
+    a, _ = read_log(tmp_path / "straight.jsonl")
+    b, _ = read_log(tmp_path / "resumed.jsonl")
     assert [e["step"] for e in b] == list(range(1, STEPS + 1))
     assert all(math.isfinite(e["loss"]) for e in a)
     assert [e["loss"] for e in b] == [e["loss"] for e in a]

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from .helpers import ROOT, offline_args, read_log, run_many
+from .helpers import ROOT, offline_args, read_log, resume_runs, run_many
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +33,8 @@ def recipe_toml(tmp_path) -> str:
 @pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
 def test_memory_layers_train_and_resume_bitwise(offline_assets, tmp_path, nproc):
     base = ["--job.config_file", recipe_toml(tmp_path), *offline_args(offline_assets)]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     runs = [
-        {"name": "straight", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(straight),
-                                      "--slimtrain.loss_log", f"{straight}.jsonl"]},
-        {"name": "half", "args": [*base, "--training.steps", str(HALF), "--lr_scheduler.total_steps", str(STEPS),
-                                  "--job.dump_folder", str(resumed), "--slimtrain.loss_log", f"{resumed}.jsonl"]},
-        {"name": "resume", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(resumed),
-                                    "--slimtrain.loss_log", f"{resumed}.jsonl"]},
+        *resume_runs(base, tmp_path, STEPS, HALF),
         {"name": "clipping", "args": [*base, "--training.steps", "1", "--training.max_norm", "1.0",
                                       "--job.dump_folder", str(tmp_path / "clip")]},
     ]
