@@ -2,7 +2,7 @@
 
 Spawns ``--world`` (default 2) gloo ranks on CPU, builds a few bias-free Linear layers, ``fully_shard``s
 each (Shard(0) DTensor parameters and gradients), runs one forward/backward and then, per refresh
-method, optimizer steps of ``plugins.galore.projected_adamw.ProjectedAdamW`` on that gradient:
+method, optimizer steps of ``slimtrain.plugins.galore.projected_adamw.ProjectedAdamW`` on that gradient:
 
 * ``randomized``: the shipped sharded randomized range finder (no gradient is gathered);
 * ``svd``: the shipped exact refresh, SVDs spread round-robin over ranks and broadcast;
@@ -48,9 +48,9 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-from plugins.galore.projected_adamw import ProjectedAdamW  # noqa: E402
-from registry.sharded import RowShards  # noqa: E402
-from registry.subspace import randomized_range, svd_projection  # noqa: E402
+from slimtrain.plugins.galore.projected_adamw import ProjectedAdamW  # noqa: E402
+from slimtrain.registry.sharded import RowShards  # noqa: E402
+from slimtrain.registry.subspace import randomized_range, svd_projection  # noqa: E402
 
 SMALL = [(512, 512), (1376, 512), (512, 1376)]  # weight shapes (out x in): right, right, left side
 SMALL_RANK = 128

@@ -1,7 +1,7 @@
 """Benchmark: one GaLore projection refresh, randomized range finder vs the reference's full SVD.
 
 At the LLaMA-1B matrix shapes (2048 x 2048 attention, 2048 x 5461 and 5461 x 2048 MLP; rank 512)
-times ``registry.subspace.randomized_range`` (default settings and variants) against
+times ``slimtrain.registry.subspace.randomized_range`` (default settings and variants) against
 ``torch.linalg.svd`` of the whole fp32 matrix (what the reference GaLore/Fira code runs), extrapolates
 to all 168 matrices of LLaMA-1B, optionally runs a short loss comparison (randomized vs exact SVD
 refresh on a tiny model and synthetic data), and writes ``docs/benchmarks/galore_refresh.md``.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from registry.sharded import RowShards
-from registry.subspace import randomized_range, std_side, svd_projection
+from slimtrain.registry.sharded import RowShards
+from slimtrain.registry.subspace import randomized_range, std_side, svd_projection
 
 SHAPES = [(2048, 2048), (2048, 5461), (5461, 2048)]
 # LLaMA-1B: per layer wq, wk, wv, wo (2048 x 2048), w1, w3 (5461 x 2048), w2 (2048 x 5461); 24 layers
@@ -93,7 +93,7 @@ def bench(repeats: int, device, shapes=SHAPES, rank: int = RANK) -> list[dict]:
 
 def loss_comparison(steps: int, seed: int = 0) -> dict[str, list[float]]:
     """Tiny MLP regression on synthetic data: GaLore with randomized vs exact-SVD refresh."""
-    from plugins.galore.projected_adamw import ProjectedAdamW
+    from slimtrain.plugins.galore.projected_adamw import ProjectedAdamW
 
     out = {}
     for method in ("randomized", "svd"):
@@ -135,8 +135,8 @@ def real_gradient_quality(steps: int, gap: int, seed: int = 0) -> list[dict]:
     """
     import numpy as np
 
-    from titan_integration.corpus.prepare import ensure_corpus
-    from titan_integration.flavors import build_model
+    from slimtrain.corpus.prepare import ensure_corpus
+    from slimtrain.titan_integration.flavors import build_model
 
     tokens = np.memmap(ensure_corpus(vocab_size=4096) / "train.bin", dtype=np.uint16, mode="r")
     torch.manual_seed(seed)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan_integration.corpus import ensure_corpus  # noqa: E402
-from titan_integration.corpus.dataset import TokenFileDataset, corpus_loader  # noqa: E402
+from slimtrain.corpus import ensure_corpus  # noqa: E402
+from slimtrain.titan_integration.corpus_dataset import TokenFileDataset, corpus_loader  # noqa: E402
 
 
 def _cpu_name() -> str:

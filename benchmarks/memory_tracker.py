@@ -1,4 +1,4 @@
-"""The GPU memory model (registry/activation_memory.py) against torch's MemTracker on CPU.
+"""The GPU memory model (registry/device_memory.py) against torch's MemTracker on CPU.
 
 One training step (forward, loss, backward, optimizer step; with ``per_layer_updates`` the updates
 happen in backward) of the flavor's torchtitan LLaMA in fp32 (``bytes_per_element = act_bytes = 4``)
@@ -91,11 +91,11 @@ def _snap(tracker, kind: str = "current") -> dict[str, int]:
 
 def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
     """The flavor's model with the composition applied, its composed optimizer and memory layers."""
-    from plugins.per_layer_updates import PerLayerStepper
-    from plugins.state_8bit import install_codec
-    from registry import OptimizerHyper, compose
-    from titan_integration.bench.checkpointing import apply_activation_checkpointing
-    from titan_integration.flavors import build_model
+    from slimtrain.plugins.per_layer_updates import PerLayerStepper
+    from slimtrain.plugins.state_8bit import install_codec
+    from slimtrain.registry import OptimizerHyper, compose
+    from slimtrain.titan_integration.activation_checkpointing import apply_activation_checkpointing
+    from slimtrain.titan_integration.flavors import build_model
 
     comp = compose(methods, sections)
     torch.manual_seed(0)
@@ -165,10 +165,10 @@ def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_
 
 
 def model_figures(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_len: int, ac: str = "none"):
-    """``registry.activation_memory.device_memory`` for the same composition, fp32 on CPU."""
-    from registry import compose, llama_dense_specs
-    from registry.activation_memory import device_memory
-    from titan_integration.flavors import FLAVORS, SHAPES
+    """``slimtrain.registry.device_memory.device_memory`` for the same composition, fp32 on CPU."""
+    from slimtrain.registry import compose, llama_dense_specs
+    from slimtrain.registry.device_memory import device_memory
+    from slimtrain.titan_integration.flavors import FLAVORS, SHAPES
 
     shape, vocab = SHAPES[flavor], FLAVORS[flavor].vocab_size
     comp = compose(methods, sections)
@@ -180,7 +180,7 @@ def model_figures(flavor: str, methods: list[str], sections: dict, *, batch: int
 
 
 def compare(flavor: str, name: str, *, batch: int, seq_len: int, ac: str) -> dict:
-    from titan_integration.flavors import SHAPES
+    from slimtrain.titan_integration.flavors import SHAPES
 
     methods, sections = recipes(SHAPES[flavor].rank)[name]
     got = measure(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac)
@@ -303,12 +303,12 @@ def render_doc(rows: list[dict]) -> str:
     lines = [
         "## Measurements",
         "",
-        "`registry/activation_memory.py` (``device=\"cpu\"``, fp32: 4 bytes per weight, gradient, state and",
+        "`registry/device_memory.py` (``device=\"cpu\"``, fp32: 4 bytes per weight, gradient, state and",
         "activation element) against `torch.distributed._tools.mem_tracker.MemTracker` on the second training",
         "step (forward, fp32 cross-entropy, backward, optimizer step; per-layer updates step in backward) of the",
         "flavor's torchtitan LLaMA, random tokens. Produced by `benchmarks/memory_tracker.py` (rows merged into",
         "`memory_model_vs_memtracker.json`, this file rendered from it). Each cell: model / measured MiB",
-        "(model error). `peak at`: the moment the model puts the peak at (`registry/activation_memory.py`'s",
+        "(model error). `peak at`: the moment the model puts the peak at (`registry/device_memory.py`'s",
         "docstring). `blocks`: the largest error over the blocks of the model's `block i` moment against",
         "MemTracker's peak during that block's backward (its recompute included).",
         "",

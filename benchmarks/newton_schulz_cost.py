@@ -1,6 +1,6 @@
 """Benchmark: Muon's Newton-Schulz cost at LLaMA-1B shapes on CPU, and its FLOP share of a 1B step.
 
-Times ``plugins.muon.newton_schulz`` (5 quintic iterations, the recipe's setting) on the two 1B
+Times ``slimtrain.plugins.muon.newton_schulz`` (5 quintic iterations, the recipe's setting) on the two 1B
 matrix shapes, 2048 x 2048 (wq, wk, wv, wo) and 2048 x 5461 (w1, w3; w2 is its transpose), in fp32
 and bf16, and counts its FLOPs: per iteration on the wide orientation X (a x b, a <= b) the Gram
 matrix X X^T (2 a^2 b), the polynomial's G G (2 a^3) and the update P X (2 a^2 b). The share is
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from plugins.muon import newton_schulz
+from slimtrain.plugins.muon import newton_schulz
 
 D, F, LAYERS = 2048, 5461, 24
 N_WEIGHTS = 1_339_113_472  # slimtrain memory --flavor 1b

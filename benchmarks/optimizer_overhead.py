@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plugins.galore.projected_adamw import ProjectedAdamW  # noqa: E402
+from slimtrain.plugins.galore.projected_adamw import ProjectedAdamW  # noqa: E402
 
 N_PARAMS = 168  # LLaMA-1B: 24 layers x (wq, wk, wv, wo, w1, w2, w3)
 SHAPE = (16, 32)
@@ -71,7 +71,7 @@ def optimizers(device, baseline=None):
     def composed(method, sections):
         """A ComposedOptimizer (the trainer's) with ``method``'s rule on every parameter."""
         def build():
-            from registry import OptimizerHyper, compose
+            from slimtrain.registry import OptimizerHyper, compose
 
             params = make_params(device)
             model = torch.nn.Module()
@@ -151,9 +151,9 @@ def overhead(args) -> None:
 
 def composed_adamw(params, names):
     """The composed optimizer as an AdamW-only recipe builds it: one group on the default rule."""
-    from plugins.adamw import AdamWRule
-    from registry import ParamSpec
-    from registry.composed_optimizer import ComposedOptimizer
+    from slimtrain.plugins.adamw import AdamWRule
+    from slimtrain.registry import ParamSpec
+    from slimtrain.registry.composed_optimizer import ComposedOptimizer
 
     specs = {p: ParamSpec(n, n.rpartition(".")[0], "weight", tuple(p.shape)) for p, n in zip(params, names)}
     return ComposedOptimizer([{"params": params, "rule": "adamw"}], rules={"adamw": AdamWRule("adamw", "foreach")},
@@ -161,7 +161,7 @@ def composed_adamw(params, names):
 
 
 def adamw_shapes(args) -> None:
-    from registry import llama_dense_specs
+    from slimtrain.registry import llama_dense_specs
 
     print(f"AdamW-only: composed optimizer vs torch.optim.AdamW(foreach=True), fp32, {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} rounds of "

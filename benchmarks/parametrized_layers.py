@@ -46,8 +46,8 @@ def run_case(size: str, m: int, n: int, method: str, tokens: int, reps: int, dev
     from torch import nn
 
     sys.path.insert(0, str(ROOT))
-    from registry import compose
-    from registry.parametrization import attach, originals
+    from slimtrain.registry import compose
+    from slimtrain.registry.parametrization import attach, originals
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import platform
 
 import torch
 
-from registry.quant8 import MAPS, dequantize, quantize
+from slimtrain.registry.quant8 import MAPS, dequantize, quantize
 
 
 def moments(rows: int, cols: int, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,15 +25,15 @@ import time
 
 import torch
 
-from titan_integration.flavors import FLAVORS, build_model
+from slimtrain.titan_integration.flavors import FLAVORS, build_model
 
 
 def build(flavor: str, methods: list[str], sections: dict):
     """The flavor's model with the composition's parametrizations and its composed optimizer, with
     the memory layers installed as the trainer installs them."""
-    from plugins.per_layer_updates import PerLayerStepper
-    from plugins.state_8bit import install_codec
-    from registry import OptimizerHyper, compose
+    from slimtrain.plugins.per_layer_updates import PerLayerStepper
+    from slimtrain.plugins.state_8bit import install_codec
+    from slimtrain.registry import OptimizerHyper, compose
 
     comp = compose(methods, sections)
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def build(flavor: str, methods: list[str], sections: dict):
 
 
 def one_step(comp, model, opt, tokens) -> float:
-    from registry import StepContext
+    from slimtrain.registry import StepContext
 
     t0 = time.perf_counter()
     out = model(tokens)
@@ -102,7 +102,7 @@ def _toml_value(text: str):
 
 
 def recipe_variants(names: list[str], overrides: list[str]) -> list[tuple[str, list[str], dict]]:
-    from titan_integration.bench.recipes import load_recipe
+    from slimtrain.bench.recipes import load_recipe
 
     out = []
     for name in names:

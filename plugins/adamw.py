@@ -14,8 +14,8 @@ import dataclasses
 
 import torch
 
-from registry import Capability, Method, ParamSpec, hookimpl
-from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry import Capability, Method, ParamSpec, hookimpl
+from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 @dataclasses.dataclass(frozen=True)
 class AdamWConfig:

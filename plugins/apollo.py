@@ -35,11 +35,11 @@ import math
 
 import torch
 
-from registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_choice, check_range, hookimpl
-from registry.sharded import RowShards
-from registry.subspace import refresh_seed, std_side
-from registry.tensors import local_tensor
-from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_choice, check_range, hookimpl
+from slimtrain.registry.sharded import RowShards
+from slimtrain.registry.subspace import refresh_seed, std_side
+from slimtrain.registry.tensors import local_tensor
+from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 SCALE_TYPES = ("channel", "tensor")
 NORM_EPS = 1e-8  # added to ||R|| in the scaling factor and to prev in the limiter (the package's)

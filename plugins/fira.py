@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from registry import DEFAULT_TARGETS, check_range, hookimpl
+from slimtrain.registry import DEFAULT_TARGETS, check_range, hookimpl
 
-from plugins.galore import GaLore, ProjectionRule, validate_projection
+from slimtrain.plugins.galore import GaLore, ProjectionRule, validate_projection
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """LoRA for pretraining: W = W0 + (alpha / r) B A with W0 frozen.
 
 W0 is the model's own random initialization: while the model's ``init_weights`` runs under
-``registry.parametrization.capture_init()`` the parametrization returns W0 itself, so the model's
+``slimtrain.registry.parametrization.capture_init()`` the parametrization returns W0 itself, so the model's
 init writes into it. Then ``initialize`` sets A kaiming-uniform (a = sqrt 5) and B = 0, so the layer
 starts as exactly W0. The layer computes ``x W0^T + s (x A^T) B^T`` and never builds W.
 
@@ -17,10 +17,10 @@ import math
 import torch
 from torch import nn
 
-from plugins.low_rank import check_rank
-from registry import Capability, DEFAULT_TARGETS, Method, check_range, hookimpl
-from registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
-from registry.tensors import write_full_
+from slimtrain.plugins.low_rank import check_rank
+from slimtrain.registry import Capability, DEFAULT_TARGETS, Method, check_range, hookimpl
+from slimtrain.registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
+from slimtrain.registry.tensors import write_full_
 
 NAME = "lora"
 

@@ -17,9 +17,9 @@ import math
 import torch
 from torch import nn
 
-from registry import Capability, HookStage, Method, Requirement, StepContext, check_range, hookimpl
-from registry.parametrization import iter_parametrized, originals, seeded_generator
-from registry.tensors import full_tensor, write_full_
+from slimtrain.registry import Capability, HookStage, Method, Requirement, StepContext, check_range, hookimpl
+from slimtrain.registry.parametrization import iter_parametrized, originals, seeded_generator
+from slimtrain.registry.tensors import full_tensor, write_full_
 
 NAME = "lora_merge"
 

@@ -25,9 +25,9 @@ import math
 import torch
 from torch import nn
 
-from registry import Capability, ConfigError, DEFAULT_TARGETS, Method, check_choice, check_range, hookimpl
-from registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
-from registry.tensors import local_tensor, write_full_
+from slimtrain.registry import Capability, ConfigError, DEFAULT_TARGETS, Method, check_choice, check_range, hookimpl
+from slimtrain.registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
+from slimtrain.registry.tensors import local_tensor, write_full_
 
 NAME = "low_rank"
 

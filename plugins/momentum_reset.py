@@ -25,8 +25,8 @@ from collections.abc import Iterable
 
 import torch
 
-from registry import Capability, ConfigError, HookStage, Method, ParamSpec, StepContext, check_range, hookimpl
-from registry.targets import matches_any
+from slimtrain.registry import Capability, ConfigError, HookStage, Method, ParamSpec, StepContext, check_range, hookimpl
+from slimtrain.registry.targets import matches_any
 
 @dataclasses.dataclass(frozen=True)
 class MomentumResetConfig:
@@ -78,7 +78,7 @@ class MomentumReset(Method):
         )
 
     def chosen_params(self, model_parts: Iterable) -> list[torch.Tensor]:
-        from registry.composition import Composition
+        from slimtrain.registry.composition import Composition
 
         probe = Composition(methods=[])
         out = []

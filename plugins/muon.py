@@ -14,7 +14,7 @@ trainer's LR for the Muon matrices only (Keller's setting: ~0.02 with "original"
 
 FSDP2: Newton-Schulz needs the whole matrix. The momentum stays row-sharded (elementwise), each
 matrix's look-ahead U is gathered (in ``ns_dtype``, the dtype NS works in, so nothing is lost) to one owner
-rank per matrix (``registry.sharded.OwnerRanks``, owners rotating across matrices and steps), the
+rank per matrix (``slimtrain.registry.sharded.OwnerRanks``, owners rotating across matrices and steps), the
 owner iterates and broadcasts O in ``ns_dtype``, and each rank applies its rows. (bf16 rounding makes
 the step discontinuous in the gradient: a sharded run's reduce-scattered gradient, equal to the
 unsharded one to fp32 rounding, can round differently; float32 iterations keep sharded = unsharded
@@ -30,10 +30,10 @@ import math
 
 import torch
 
-from registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_choice, check_range, hookimpl
-from registry.sharded import OwnerRanks, RowShards
-from registry.tensors import local_tensor
-from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_choice, check_range, hookimpl
+from slimtrain.registry.sharded import OwnerRanks, RowShards
+from slimtrain.registry.tensors import local_tensor
+from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's (Keller Jordan's) quintic
 NS_EPS = 1e-7

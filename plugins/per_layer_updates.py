@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from registry import ConfigError, Method, hookimpl
+from slimtrain.registry import ConfigError, Method, hookimpl
 
 NAME = "per_layer_updates"
 CLIPS = ("none", "per_parameter")
@@ -65,7 +65,7 @@ def check_trainer(*, max_norm: float, grad_accumulation_steps: int) -> None:
 
 def check_rules_declare_state(composition) -> None:
     """Refuse an optimizer method whose rule declares no state."""
-    from registry.update_rule import UpdateRule
+    from slimtrain.registry.update_rule import UpdateRule
 
     for m in composition.optimizer_methods:
         if type(m.update_rule()).state_specs is UpdateRule.state_specs:

@@ -22,9 +22,9 @@ import dataclasses
 
 import torch
 
-from registry import Capability, HookStage, Method, Requirement, StepContext, check_range, hookimpl
-from registry.parametrization import FactorizedParametrization, iter_parametrized, originals
-from registry.tensors import full_tensor, write_full_
+from slimtrain.registry import Capability, HookStage, Method, Requirement, StepContext, check_range, hookimpl
+from slimtrain.registry.parametrization import FactorizedParametrization, iter_parametrized, originals
+from slimtrain.registry.tensors import full_tensor, write_full_
 
 NAME = "refactorization"
 

@@ -25,11 +25,11 @@ import fnmatch
 
 import torch
 
-from registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_range, hookimpl
-from registry.sharded import RowShards
-from registry.targets import matches_any
-from registry.tensors import local_tensor
-from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_range, hookimpl
+from slimtrain.registry.sharded import RowShards
+from slimtrain.registry.targets import matches_any
+from slimtrain.registry.tensors import local_tensor
+from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 RMS_FLOOR = 1e-8
 

@@ -21,10 +21,10 @@ import math
 import torch
 from torch import nn
 
-from plugins.low_rank import balanced_svd_factors, check_rank, throwaway_weight
-from registry import Capability, ConfigError, DEFAULT_TARGETS, Method, check_range, hookimpl
-from registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
-from registry.tensors import write_full_
+from slimtrain.plugins.low_rank import balanced_svd_factors, check_rank, throwaway_weight
+from slimtrain.registry import Capability, ConfigError, DEFAULT_TARGETS, Method, check_range, hookimpl
+from slimtrain.registry.parametrization import FactorizedParametrization, capturing_init, seeded_generator
+from slimtrain.registry.tensors import write_full_
 
 NAME = "sltrain"
 

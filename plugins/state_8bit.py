@@ -1,5 +1,5 @@
 """8-bit optimizer state: every state tensor an update rule declares ``moment=True`` is stored
-block-wise quantized (``registry.quant8``) and dequantized to its declared dtype for the update.
+block-wise quantized (``slimtrain.registry.quant8``) and dequantized to its declared dtype for the update.
 
 It knows no rule and no key name: it reads the rules' declarations (``StateSpec.moment``), so it
 composes with adamw, galore, fira and every rule that declares its state. Projections, limiters,
@@ -27,10 +27,10 @@ import dataclasses
 
 import torch
 
-from registry import ConfigError, Method, hookimpl
-from registry.composed_optimizer import StateCodec
-from registry.quant8 import MAPS, dequantize, quantize
-from registry.update_rule import StateSpec
+from slimtrain.registry import ConfigError, Method, hookimpl
+from slimtrain.registry.composed_optimizer import StateCodec
+from slimtrain.registry.quant8 import MAPS, dequantize, quantize
+from slimtrain.registry.update_rule import StateSpec
 
 NAME = "state_8bit"
 #: declaration names stored with the unsigned map (non-negative moments)
@@ -75,7 +75,7 @@ class Quant8Codec(StateCodec):
         if not quantized(decl):
             state[decl.name] = value
             return
-        from registry.tensors import is_dtensor, local_tensor
+        from slimtrain.registry.tensors import is_dtensor, local_tensor
 
         local = local_tensor(value)
         unsigned = is_unsigned(decl)  # stored as sqrt(v): the update reads sqrt(v), and its range is half v's
@@ -93,7 +93,7 @@ class Quant8Codec(StateCodec):
     def decode(self, decl: StateSpec, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         if not quantized(decl):
             return state[decl.name]
-        from registry.tensors import is_dtensor, local_tensor
+        from slimtrain.registry.tensors import is_dtensor, local_tensor
 
         ckey, skey = self.stored_keys(decl)
         codes = state[ckey]
@@ -108,7 +108,7 @@ class Quant8Codec(StateCodec):
 
 
 def _nb(decl: StateSpec, codec: Quant8Codec) -> int:
-    from registry.quant8 import n_blocks
+    from slimtrain.registry.quant8 import n_blocks
 
     return n_blocks(decl.shape[-1], codec.block_size)
 
@@ -141,7 +141,7 @@ def install_codec(optimizer, codec: StateCodec) -> int:
 
 def check_declares_moments(composition) -> None:
     """Refuse a composition whose optimizer rules declare no moment (nothing to store in 8 bits)."""
-    from registry.update_rule import UpdateRule
+    from slimtrain.registry.update_rule import UpdateRule
 
     for m in composition.optimizer_methods:
         rule = m.update_rule()

@@ -2,18 +2,24 @@
 
 Plugin authors need only what is exported here::
 
-    from registry import Capability, Method, hookimpl
+    from slimtrain.registry import Capability, Method, hookimpl
 
 Nothing in this package imports torchtitan: methods are plain torch and can serve other trainers.
 """
 
-from registry.composition import Composition, compose
-from registry.config import EmptyConfig, check_choice, check_range, parse_config
-from registry.errors import CompositionError, ConfigError, SlimtrainError
-from registry.hookspecs import hookimpl, hookspec
-from registry.manager import MethodInfo, get_methods, get_plugin_manager, register_plugin, unregister_plugin
-from registry.memory import MemoryEstimate, estimate_memory, llama_dense_specs
-from registry.method import (
+if __name__ != "slimtrain.registry":  # one import name: the folder is slimtrain.registry once installed
+    raise ImportError(
+        f"import slimtrain.registry, not {__name__}: slimtrain's modules have one import name "
+        "(install the project with `pip install -e .`, or run scripts/setup.sh)"
+    )
+
+from slimtrain.registry.composition import Composition, compose
+from slimtrain.registry.config import EmptyConfig, check_choice, check_range, parse_config
+from slimtrain.registry.errors import CompositionError, ConfigError, SlimtrainError
+from slimtrain.registry.hookspecs import hookimpl, hookspec
+from slimtrain.registry.manager import MethodInfo, get_methods, get_plugin_manager, register_plugin, unregister_plugin
+from slimtrain.registry.memory import MemoryEstimate, estimate_memory, llama_dense_specs
+from slimtrain.registry.method import (
     Capability,
     HookStage,
     Method,
@@ -22,8 +28,8 @@ from registry.method import (
     Requirement,
     StepContext,
 )
-from registry.parametrization import FactorizedParametrization, LinearParametrization
-from registry.targets import DEFAULT_TARGETS
+from slimtrain.registry.parametrization import FactorizedParametrization, LinearParametrization
+from slimtrain.registry.targets import DEFAULT_TARGETS
 
 __all__ = [
     "Capability",

@@ -7,7 +7,7 @@ rule must see the same hyperparameters and the same true step.
 * Param groups: one per rule (group key ``"rule"``: the method name) and per distinct option set
   other methods contribute (``lr``, ``weight_decay``, ...). Names and specs live in a side table
   keyed by the parameter, never in the groups (groups are checkpointed; they hold scalars only).
-* State is created from each rule's declarations (``registry.update_rule.StateSpec``) when the
+* State is created from each rule's declarations (``slimtrain.registry.update_rule.StateSpec``) when the
   optimizer is built: dtype, initial value and, under FSDP2, the DTensor layout. Creating it up front
   also stops ``torch.distributed.checkpoint`` from initializing state by stepping on zero gradients.
   After a rule's first step the optimizer checks the rule kept exactly what it declared.
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from registry.errors import CompositionError
-from registry.method import ParamSpec
-from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry.errors import CompositionError
+from slimtrain.registry.method import ParamSpec
+from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 __all__ = ["ComposedOptimizer", "StateCodec"]
 
@@ -57,7 +57,7 @@ class StateCodec:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from registry.tensors import local_tensor
+    from slimtrain.registry.tensors import local_tensor
 
     return local_tensor(t)
 
@@ -65,7 +65,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def make_state_tensor(param: torch.Tensor, decl: StateSpec) -> torch.Tensor:
     """A fresh state tensor for ``param`` from its declaration (plain, or a DTensor under FSDP2:
     ``rows`` sharded like the parameter's rows, ``replicate`` identical on every rank)."""
-    from registry.tensors import is_dtensor
+    from slimtrain.registry.tensors import is_dtensor
 
     dtype = decl.dtype or param.dtype
     local_param = _local(param)

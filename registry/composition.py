@@ -9,7 +9,7 @@ The order things apply in is fixed here, never pluggy's registration order:
 1. Parametrizations, in the order the methods are listed (each Linear weight takes at most one).
 2. Factor initialization, after the model's own ``init_weights``, in the same order.
 3. Param-group options, merged from every PARAM_GROUPS method (a key set twice must agree).
-4. ONE optimizer per model part (``registry.composed_optimizer.ComposedOptimizer``): each trainable
+4. ONE optimizer per model part (``slimtrain.registry.composed_optimizer.ComposedOptimizer``): each trainable
    parameter goes to the update rule of the OPTIMIZER method that selects it (selections must be
    disjoint), every other one to the default rule (``adamw``, always part of the composition).
 5. Step hooks after each optimizer step: ``HookStage.WEIGHTS`` (refactorization, merges) before
@@ -23,10 +23,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from registry.config import parse_config
-from registry.errors import CompositionError, ConfigError
-from registry.method import Capability, Method, OptimizerHyper, ParamSpec, StepContext
-from registry.targets import probe_overlap
+from slimtrain.registry.config import parse_config
+from slimtrain.registry.errors import CompositionError, ConfigError
+from slimtrain.registry.method import Capability, Method, OptimizerHyper, ParamSpec, StepContext
+from slimtrain.registry.targets import probe_overlap
 
 DEFAULT_OPTIMIZER = "adamw"
 #: param-group keys the composition sets itself (the rule's name, the true step)
@@ -60,7 +60,7 @@ class Composition:
             if m.name == DEFAULT_OPTIMIZER:
                 return m
         if self.default is None:
-            from registry.manager import get_methods
+            from slimtrain.registry.manager import get_methods
 
             self.default = get_methods()[DEFAULT_OPTIMIZER].cls()
         return self.default
@@ -102,8 +102,8 @@ class Composition:
     # -- model-time application ---------------------------------------------------------------
     def apply_parametrizations(self, model) -> list[str]:
         """Parametrize the targeted Linear weights of ``model`` (meta device, before sharding)."""
-        from registry.parametrization import attach, parametrization_of
-        from registry.targets import select_linears
+        from slimtrain.registry.parametrization import attach, parametrization_of
+        from slimtrain.registry.targets import select_linears
 
         done: dict[str, str] = {}
         for m in self.with_capability(Capability.PARAMETRIZATION):
@@ -119,7 +119,7 @@ class Composition:
 
     def capture_init(self):
         """Context manager around the model's own ``init_weights`` (see parametrization.capture_init)."""
-        from registry.parametrization import capture_init
+        from slimtrain.registry.parametrization import capture_init
 
         return capture_init()
 
@@ -127,7 +127,7 @@ class Composition:
         """Initialize every parametrization's originals in place, after the model's own init."""
         import torch
 
-        from registry.parametrization import iter_parametrized, originals
+        from slimtrain.registry.parametrization import iter_parametrized, originals
 
         with torch.no_grad():
             for fqn, linear, p in iter_parametrized(model):
@@ -135,7 +135,7 @@ class Composition:
 
     def param_specs(self, model) -> list[tuple[ParamSpec, Any]]:
         """(spec, parameter) for every parameter of ``model``, with roles and owning methods."""
-        from registry.parametrization import canonical_name, parametrization_of, role_of
+        from slimtrain.registry.parametrization import canonical_name, parametrization_of, role_of
 
         marker = ".parametrizations.weight.original"
         out = []
@@ -202,7 +202,7 @@ class Composition:
     def build_optimizer(self, param_groups: list[dict[str, Any]], hyper: OptimizerHyper, *, codec=None):
         """One ``ComposedOptimizer`` over ``param_groups`` (from ``param_groups(model)``), each
         group stepped by its rule; the trainer's hyperparameters apply to every rule alike."""
-        from registry.composed_optimizer import ComposedOptimizer
+        from slimtrain.registry.composed_optimizer import ComposedOptimizer
 
         rules = {}
         for group in param_groups:
@@ -237,8 +237,8 @@ class Composition:
         return factor
 
     def estimate_memory(self, weights, **kwargs):
-        """Analytic memory of weights and optimizer state; see ``registry.memory``."""
-        from registry.memory import estimate_memory
+        """Analytic memory of weights and optimizer state; see ``slimtrain.registry.memory``."""
+        from slimtrain.registry.memory import estimate_memory
 
         return estimate_memory(self, weights, **kwargs)
 
@@ -253,7 +253,7 @@ def _rule_of(method: Method):
 
 def _selects_nothing(method: Method, specs: list[tuple[ParamSpec, Any]]) -> str:
     """The message for a method whose selection matched no trainable parameter of the model."""
-    from registry.targets import matches_any
+    from slimtrain.registry.targets import matches_any
 
     patterns = method.target_patterns()
     matched = sorted({s.role + ("" if s.trainable else " (frozen)") for s, _ in specs if s.is_linear and matches_any(s.module, patterns)})
@@ -291,7 +291,7 @@ def compose(
     ``available`` (name -> MethodInfo or Method class) defaults to every installed method.
     """
     if available is None:
-        from registry.manager import get_methods
+        from slimtrain.registry.manager import get_methods
 
         available = get_methods()
     classes = {name: getattr(info, "cls", info) for name, info in available.items()}

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from registry.errors import ConfigError
+from slimtrain.registry.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

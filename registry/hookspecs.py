@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from registry.method import Method
+    from slimtrain.registry.method import Method
 
 PROJECT_NAME = "slimtrain"
 

@@ -16,29 +16,29 @@ import threading
 
 import pluggy
 
-from registry import hookspecs
-from registry.errors import CompositionError
-from registry.method import Method, capability_problems
+from slimtrain.registry import hookspecs
+from slimtrain.registry.errors import CompositionError
+from slimtrain.registry.method import Method, capability_problems
 
 ENTRY_POINT_GROUP = "slimtrain"
 LOAD_PLUGINS_ENV = "SLIMTRAIN_LOAD_PLUGINS"
 
 # One module per built-in method, each written exactly as a third-party plugin would be.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "plugins.adamw",
-    "plugins.low_rank",
-    "plugins.lora",
-    "plugins.sltrain",
-    "plugins.refactorization",
-    "plugins.lora_merge",
-    "plugins.galore",
-    "plugins.fira",
-    "plugins.momentum_reset",
-    "plugins.apollo",
-    "plugins.muon",
-    "plugins.scale",
-    "plugins.state_8bit",
-    "plugins.per_layer_updates",
+    "slimtrain.plugins.adamw",
+    "slimtrain.plugins.low_rank",
+    "slimtrain.plugins.lora",
+    "slimtrain.plugins.sltrain",
+    "slimtrain.plugins.refactorization",
+    "slimtrain.plugins.lora_merge",
+    "slimtrain.plugins.galore",
+    "slimtrain.plugins.fira",
+    "slimtrain.plugins.momentum_reset",
+    "slimtrain.plugins.apollo",
+    "slimtrain.plugins.muon",
+    "slimtrain.plugins.scale",
+    "slimtrain.plugins.state_8bit",
+    "slimtrain.plugins.per_layer_updates",
 )
 
 _lock = threading.RLock()

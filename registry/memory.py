@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from registry.method import Capability, ParamSpec
-from registry.targets import matches_any
+from slimtrain.registry.method import Capability, ParamSpec
+from slimtrain.registry.targets import matches_any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,8 @@ def estimate_memory(composition, dense: Iterable[ParamSpec], *, bytes_per_elemen
 
 def _stored_state_bytes(composition, specs: list[ParamSpec], bytes_per_element: int) -> int | None:
     """With ``state_8bit`` the declared moments are stored in 8 bits plus block scales: the same count
-    as ``slimtrain memory --device`` (registry.activation_memory), so both tables agree."""
-    from registry.activation_memory import STATE_8BIT, optimizer_state_bytes
+    as ``slimtrain memory --device`` (slimtrain.registry.device_memory), so both tables agree."""
+    from slimtrain.registry.device_memory import STATE_8BIT, optimizer_state_bytes
 
     if STATE_8BIT not in composition.method_names:
         return None

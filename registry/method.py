@@ -2,7 +2,7 @@
 
 A method is a ``Method`` subclass with a ``name``, a ``Config`` dataclass and a set of
 ``Capability`` flags saying which of the optional hooks below it implements. The composition
-(``registry.composition``) only calls the hooks a method declares, in a fixed, documented order.
+(``slimtrain.registry.composition``) only calls the hooks a method declares, in a fixed, documented order.
 
 All hooks work on plain ``torch.nn`` modules and tensors (DTensors under FSDP2); nothing here knows
 torchtitan, so methods can be unit-tested on small models and reused by other trainers.
@@ -15,14 +15,14 @@ import math
 import enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from registry.config import EmptyConfig
+from slimtrain.registry.config import EmptyConfig
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from registry.parametrization import LinearParametrization
-    from registry.update_rule import UpdateRule
+    from slimtrain.registry.parametrization import LinearParametrization
+    from slimtrain.registry.update_rule import UpdateRule
 
 
 class Capability(str, enum.Enum):
@@ -136,7 +136,7 @@ class Method:
         before training, naming it, instead of going to AdamW in silence."""
         import fnmatch
 
-        from registry.targets import matches_any
+        from slimtrain.registry.targets import matches_any
 
         return (
             spec.trainable
@@ -185,7 +185,7 @@ class Method:
 
     # -- OPTIMIZER ----------------------------------------------------------------------------
     def update_rule(self) -> UpdateRule:
-        """The update rule for the parameters ``self.selects(spec)`` picks (``registry.update_rule``).
+        """The update rule for the parameters ``self.selects(spec)`` picks (``slimtrain.registry.update_rule``).
 
         The composition builds one optimizer per model part that routes each selected parameter to
         this rule and every other trainable parameter to the default rule (``adamw``)."""

@@ -181,7 +181,7 @@ def stable_seed(*parts: object) -> int:
 
 def seeded_generator(*parts: object) -> torch.Generator:
     """A CPU generator seeded with ``stable_seed(*parts)``: draw whole (unsharded) tensors with it
-    on the CPU and write them with ``registry.tensors.write_full_`` to get the same values on any
+    on the CPU and write them with ``slimtrain.registry.tensors.write_full_`` to get the same values on any
     number of ranks."""
     g = torch.Generator(device="cpu")
     g.manual_seed(stable_seed(*parts))

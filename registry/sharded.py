@@ -20,7 +20,7 @@ class RowShards:
     """A gradient as this rank's row block plus the collectives needed to combine blocks."""
 
     def __init__(self, grad: torch.Tensor):
-        from registry.tensors import is_dtensor
+        from slimtrain.registry.tensors import is_dtensor
 
         self.shape = tuple(grad.shape)
         self.dist = False

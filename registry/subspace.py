@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-from registry.sharded import RowShards
+from slimtrain.registry.sharded import RowShards
 
 PROJ_METHODS = ("randomized", "svd")
 

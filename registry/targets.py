@@ -42,7 +42,7 @@ def iter_linears(model) -> Iterator[tuple[str, object]]:
 
 def select_linears(model, patterns: Sequence[str], *, owner: str) -> list[tuple[str, object]]:
     """The Linear modules matched by ``patterns``; an error listing the candidates if none match."""
-    from registry.errors import ConfigError
+    from slimtrain.registry.errors import ConfigError
 
     linears = list(iter_linears(model))
     chosen = [(fqn, m) for fqn, m in linears if matches_any(fqn, patterns)]

@@ -1,7 +1,7 @@
 """The update-rule contract: how an optimizer method updates the parameters it selects.
 
 Why rules and not optimizers: the composition builds ONE ``torch.optim.Optimizer`` per model part
-(``registry.composed_optimizer.ComposedOptimizer``) and routes every parameter to the rule of the
+(``slimtrain.registry.composed_optimizer.ComposedOptimizer``) and routes every parameter to the rule of the
 method that selected it (``adamw``'s rule for the rest). So several optimizer methods can share a
 recipe on disjoint parameters, a rule never re-implements AdamW for parameters it does not own, and
 the memory estimate, momentum reset, checkpointing and 8-bit state read the rule's *declared* state
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from registry.method import ParamSpec
+    from slimtrain.registry.method import ParamSpec
 
 __all__ = ["LAYOUTS", "OnReset", "RuleParam", "StateSpec", "StepInfo", "UpdateRule"]
 
@@ -98,8 +98,8 @@ class UpdateRule:
     """Base class of the update rule an OPTIMIZER method returns from ``Method.update_rule``.
 
     Subclasses set ``method``, declare their state and implement ``step``; the docstring of each
-    rule says which FSDP2 pattern it uses (elementwise on the local shard; ``registry.sharded.
-    RowShards`` all-reduce of a small product; or ``registry.sharded.OwnerRanks`` for whole-matrix math).
+    rule says which FSDP2 pattern it uses (elementwise on the local shard; ``slimtrain.registry.sharded.
+    RowShards`` all-reduce of a small product; or ``slimtrain.registry.sharded.OwnerRanks`` for whole-matrix math).
     """
 
     method: str = ""  # the owning method's name (errors name it)
@@ -122,7 +122,7 @@ class UpdateRule:
         """Refuse a parameter this rule cannot update (before training). Default: ``needs_matrix``
         rules take 2-D parameters only. Raise ``ConfigError`` naming ``self.method`` and ``spec.name``."""
         if self.needs_matrix and len(spec.shape) != 2:
-            from registry.errors import ConfigError
+            from slimtrain.registry.errors import ConfigError
 
             raise ConfigError(
                 f"[{self.method}] selects {spec.name} with shape {tuple(spec.shape)}, but its update rule "

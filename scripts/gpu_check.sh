@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU goal of the project in one prepared run (titan_integration/gpu_check.py says what and how).
+# Every GPU goal of the project in one prepared run (slimtrain/gpu_check.py says what and how).
 # On the GPU machine: carry .whl (shared/gpu/prepare-wheels.sh) and a prepared corpus (.gpu-data);
 # this installs the wheels into .site when torchtitan is missing, then runs the check.
 set -euo pipefail
@@ -9,4 +9,4 @@ if ! "$PY" -c "import torchtitan" 2>/dev/null && [ -d .whl ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl/*.whl
 fi
 export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m titan_integration.gpu_check "$@"
+exec "$PY" -m slimtrain.gpu_check "$@"

@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "[setup] installing $torch_req"
   "${VPIP[@]}" install -q "$torch_req"
 fi
-if ! .venv/bin/python -c "import registry, pytest, hypothesis, torchtitan, setuptools" 2>/dev/null \
+if ! .venv/bin/python -c "import slimtrain.registry, pytest, hypothesis, torchtitan, setuptools" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.slimtrain-installed ]; then
   echo "[setup] installing slimtrain (editable) with its test extra"
   "${VPIP[@]}" install -q setuptools wheel

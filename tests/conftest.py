@@ -28,7 +28,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """A plugin manager rebuilt for this test and forgotten after it (env changes stay local)."""
-    from registry import manager
+    from slimtrain.registry import manager
 
     manager.reset()
     yield manager

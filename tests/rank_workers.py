@@ -51,8 +51,8 @@ def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str):
     the parametrizations initialized."""
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
-    from registry.parametrization import seeded_generator
-    from registry.tensors import write_full_
+    from slimtrain.registry.parametrization import seeded_generator
+    from slimtrain.registry.tensors import write_full_
 
     with torch.device("meta"):
         model = Transformer(TransformerModelArgs(**tiny))

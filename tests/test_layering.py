@@ -25,7 +25,7 @@ def torchtitan_imports(path: Path) -> list[int]:
     return lines
 
 
-@pytest.mark.parametrize("folder", ["benchmarks", "plugins", "registry"])
+@pytest.mark.parametrize("folder", ["benchmarks", "plugins", "registry", "slimtrain"])
 def test_only_titan_integration_imports_torchtitan(folder):
     offenders = {
         str(p.relative_to(ROOT)): lines
@@ -33,3 +33,34 @@ def test_only_titan_integration_imports_torchtitan(folder):
         if (lines := torchtitan_imports(p))
     }
     assert not offenders, f"torchtitan imported outside titan_integration/: {offenders}"
+
+
+@pytest.mark.parametrize("folder", ["registry", "plugins", "titan_integration"])
+def test_folders_import_under_one_name(folder):
+    """A checkout on sys.path must not make ``registry`` importable beside ``slimtrain.registry``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import {folder}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert f"import slimtrain.{folder}, not {folder}" in proc.stderr
+
+
+def test_root_exports_what_the_guide_imports():
+    """Every name docs/writing-a-method-plugin.md and the example distributions import from
+    slimtrain is exported by the root, and nothing there imports a registry submodule."""
+    import slimtrain
+
+    sources = [ROOT / "docs" / "writing-a-method-plugin.md", *sorted((ROOT / "examples").rglob("*.py"))]
+    names = set()
+    for path in sources:
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            assert not line.startswith("from slimtrain.registry"), f"{path}: {line}"
+            if line.startswith("from slimtrain import "):
+                names |= {n.strip(" ()") for n in line[len("from slimtrain import "):].split(",") if n.strip(" ()")}
+    assert names, "the guide and the examples import nothing from slimtrain"
+    missing = sorted(n for n in names if not hasattr(slimtrain, n))
+    assert not missing, missing

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from titan_integration.run_defaults import RUN_DEFAULTS
+from slimtrain.titan_integration.run_defaults import RUN_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "plugins").glob("*.toml"))

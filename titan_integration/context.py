@@ -14,9 +14,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from registry import Composition, compose
+from slimtrain.registry import Composition, compose
 
-from titan_integration.job_config import non_default_keys, section_values
+from slimtrain.titan_integration.job_config import non_default_keys, section_values
 
 log = logging.getLogger("slimtrain")
 
@@ -36,7 +36,7 @@ def method_names(job_config: Any) -> list[str]:
     if section is None:
         raise RuntimeError(
             "the job config has no [slimtrain] section: set [job] custom_config_module = "
-            '"titan_integration.job_config" (titan_integration/train.py adds it for you)'
+            '"slimtrain.titan_integration.job_config" (titan_integration/train.py adds it for you)'
         )
     names: list[str] = []
     for item in section.methods:
@@ -45,15 +45,15 @@ def method_names(job_config: Any) -> list[str]:
 
 
 def build_composition(job_config: Any) -> Composition:
-    """``registry.compose`` on ``[slimtrain] methods`` and their sections. Raises the registry's
+    """``slimtrain.registry.compose`` on ``[slimtrain] methods`` and their sections. Raises the registry's
     CompositionError / ConfigError; no model is needed (or built) for any of its checks."""
     names = method_names(job_config)
     sections = {name: section_values(job_config, name) for name in names}
     composition = compose(names, sections)
-    from titan_integration.memory_layers import check_job
+    from slimtrain.titan_integration.memory_layers import check_job
 
     check_job(job_config, composition)  # state_8bit / per_layer_updates vs trainer settings
-    from registry import get_methods
+    from slimtrain.registry import get_methods
 
     for other in get_methods():
         if other not in composition.method_names:

@@ -22,18 +22,18 @@ from __future__ import annotations
 import functools
 import logging
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 
 import torch.nn as nn  # noqa: E402
-from registry import Capability, CompositionError  # noqa: E402
+from slimtrain.registry import Capability, CompositionError  # noqa: E402
 from torchtitan.protocols.model_converter import (  # noqa: E402
     _registry_model_converter_cls,
     register_model_converter,
 )
 
-from titan_integration import context  # noqa: E402
+from slimtrain.titan_integration import context  # noqa: E402
 
 log = logging.getLogger("slimtrain")
 
@@ -71,7 +71,7 @@ class SlimtrainConverter:
 
     def post_optimizer_hook(self, model) -> None:
         # Step hooks need the true step number, which this hook is not given: they run from the
-        # optimizer container (titan_integration.optimizer) instead.
+        # optimizer container (slimtrain.titan_integration.optimizer) instead.
         return None
 
 

@@ -142,7 +142,7 @@ def apply() -> bool:
         tt_utils = sys.modules["torchtitan.tools.utils"]
         if getattr(tt_utils, "device_type", "cpu") != "cpu":
             raise RuntimeError(
-                "titan_integration.cpu_shim.apply() must run before torchtitan is imported: "
+                "slimtrain.titan_integration.cpu_shim.apply() must run before torchtitan is imported: "
                 f"torchtitan already chose device type {tt_utils.device_type!r}"
             )
 
@@ -205,7 +205,7 @@ def _install_torchtitan_device_module() -> None:
         module = importlib.import_module(name)
         if getattr(module, "device_type", "cpu") != "cpu":
             raise RuntimeError(
-                "titan_integration.cpu_shim.apply() must run before torchtitan is imported: "
+                "slimtrain.titan_integration.cpu_shim.apply() must run before torchtitan is imported: "
                 f"{name} already chose device type {module.device_type!r}"
             )
         module.device_module = CPU_DEVICE_MODULE

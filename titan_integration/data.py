@@ -1,7 +1,7 @@
 """Data and tokenizer wiring: the embedded default corpus unless the TOML names another dataset.
 
 ``[training] dataset = "slimtrain"`` (the recipes' default) means the embedded corpus of
-``titan_integration.corpus``: ``prepare_run_data`` (called by the trainer on every rank before
+``slimtrain.corpus``: ``prepare_run_data`` (called by the trainer on every rank before
 torch.distributed starts) runs ``ensure_corpus``, which prepares the corpus on the first run under
 a file lock (the first rank prepares, the others wait, later runs find it ready), and points
 ``training.dataset_path``, ``validation.dataset_path`` and ``model.hf_assets_path`` at the prepared
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 
@@ -37,7 +37,7 @@ class VocabularyError(ValueError):
 
 
 def _corpus_dataset_module():
-    from titan_integration.corpus import dataset  # the corpus package's torchtitan loaders
+    from slimtrain.titan_integration import corpus_dataset as dataset  # the corpus as torchtitan loaders
 
     return dataset
 
@@ -56,7 +56,7 @@ def prepare_run_data(job_config, vocab_size: int) -> Path | None:
     """Prepare the embedded corpus when the run uses it and fill in the paths that point to it."""
     if not uses_corpus(job_config):
         return None
-    from titan_integration.corpus import ensure_corpus
+    from slimtrain.corpus import ensure_corpus
 
     data_dir = job_config.slimtrain.data_dir or None
     folder = Path(ensure_corpus(data_dir, vocab_size=vocab_size))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 

@@ -7,7 +7,7 @@ an unknown TOML key raises ValueError, an unknown CLI flag exits with status 2.
 The per-method sections are generated from the registry: each installed method's ``Config``
 dataclass is mirrored field by field (same names, types, defaults), so a newly installed plugin
 gets its ``[name]`` section and ``--name.key`` flags with no change here. The values are not
-validated here: ``registry.compose`` parses them with the method's own ``Config`` (types, ranges)
+validated here: ``slimtrain.registry.compose`` parses them with the method's own ``Config`` (types, ranges)
 when the converter is built, i.e. before any model exists, and its ConfigError is what the user
 sees.
 """
@@ -84,7 +84,7 @@ def register_cli_rules() -> None:
     ConfigManager uses for parsing; this module is imported (as ``custom_config_module``) before it
     parses, and torchtitan has no rule of its own for tuples, so this one applies.
     """
-    from titan_integration import cpu_shim
+    from slimtrain.titan_integration import cpu_shim
 
     cpu_shim.apply()
     import tyro
@@ -131,7 +131,7 @@ def _section_class(method_name: str, config_cls: type) -> type:
 
 def method_sections() -> dict[str, type]:
     """Method name -> generated section dataclass, for every installed method."""
-    from registry import get_methods
+    from slimtrain.registry import get_methods
 
     out: dict[str, type] = {}
     for name, info in get_methods().items():

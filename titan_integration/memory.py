@@ -1,7 +1,7 @@
 """A measured memory breakdown (parameters, gradients, optimizer state, peak), logged once.
 
 Why measured and per rank: the point of these methods is memory, and the analytic estimate
-(``registry.memory``) says what a method should cost; this says what the run actually holds on
+(``slimtrain.registry.memory``) says what a method should cost; this says what the run actually holds on
 this rank after the first optimizer step (sharded sizes under FSDP2: local shards only), next to
 the device's peak (CUDA allocator peak on GPU, process peak RSS on CPU) and the analytic figure
 for the whole model, so a discrepancy is visible in the log of every run.

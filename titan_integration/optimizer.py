@@ -19,19 +19,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 
 import torch.nn as nn  # noqa: E402
-from registry import OptimizerHyper, StepContext  # noqa: E402
+from slimtrain.registry import OptimizerHyper, StepContext  # noqa: E402
 from torchtitan.components.lr_scheduler import (  # noqa: E402
     LRSchedulersContainer,
     build_lr_schedulers as titan_build_lr_schedulers,
 )
 from torchtitan.components.optimizer import OptimizersContainer  # noqa: E402
 
-from titan_integration import context  # noqa: E402
+from slimtrain.titan_integration import context  # noqa: E402
 
 log = logging.getLogger("slimtrain")
 

@@ -8,15 +8,15 @@ per-layer check of every method runs here on ``ParamSpec``s: each parametrizing 
 parametrization of every targeted shape on the meta device (its own shape checks raise), every
 optimizer method's update rule checks the parameters it would own (GaLore's rank), and every
 param-group method sees the parameters it would select. The trainer also refuses run lengths that
-would train nothing, and GPU-path settings this machine or slimtrain cannot do (gpu_path.py).
+would train nothing, and GPU-path settings this machine or slimtrain cannot do (accelerator_checks.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from registry import Capability, ConfigError, llama_dense_specs
-from registry.memory import transformed_specs
+from slimtrain.registry import Capability, ConfigError, llama_dense_specs
+from slimtrain.registry.memory import transformed_specs
 
 
 def check_run_length(job_config: Any) -> None:
@@ -31,7 +31,7 @@ def check_run_length(job_config: Any) -> None:
 def check_shapes(composition, model_args: Any) -> None:
     """Every per-layer check of ``composition`` on the flavor's shapes (raises ConfigError naming
     the method, the layer and its shape)."""
-    from titan_integration.flavors import ffn_hidden_dim
+    from slimtrain.titan_integration.flavors import ffn_hidden_dim
 
     a = model_args
     dense = llama_dense_specs(a.dim, ffn_hidden_dim(a), a.n_layers, a.vocab_size, a.n_heads, a.n_kv_heads)
@@ -49,8 +49,8 @@ def check_shapes(composition, model_args: Any) -> None:
 
 
 def check_before_model(job_config: Any, composition, model_args: Any) -> None:
-    from titan_integration import gpu_path
+    from slimtrain.titan_integration import accelerator_checks
 
     check_run_length(job_config)
-    gpu_path.check_config(job_config)  # AC mode/option, compile and bf16 support of this machine
+    accelerator_checks.check_config(job_config)  # AC mode/option, compile and bf16 support of this machine
     check_shapes(composition, model_args)

@@ -1,6 +1,6 @@
 """Run several slimtrain trainings in ONE torchrun launch.
 
-    torchrun --nproc-per-node N -m titan_integration.run_plan PLAN.json
+    torchrun --nproc-per-node N -m slimtrain.titan_integration.run_plan PLAN.json
 
 Why: each launch of ``titan_integration/train.py`` spends seconds importing torch/torchtitan per
 process (tens of seconds with CUDA), plus torchtitan's 2 s end-of-training sleep; the integration
@@ -28,9 +28,7 @@ import types
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(_HERE)
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
-    sys.path[0] = ROOT  # as train.py: this folder's module names must not shadow top-level ones
-elif ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    del sys.path[0]  # as train.py: this folder's module names must not shadow top-level ones
 
 
 def _reset_compile_state() -> None:
@@ -104,7 +102,7 @@ def _watch_recompiles() -> None:
 def main() -> None:
     plan = json.load(open(sys.argv[1]))
 
-    from titan_integration import cpu_shim
+    from slimtrain.titan_integration import cpu_shim
 
     cpu_shim.apply()
 
@@ -118,12 +116,12 @@ def main() -> None:
     init_logger()
     _watch_recompiles()
 
-    from registry import get_methods
+    from slimtrain.registry import get_methods
 
     get_methods()
-    from titan_integration import spec
-    from titan_integration.train import complete_argv
-    from titan_integration.trainer import SlimTrainer
+    from slimtrain.titan_integration import spec
+    from slimtrain.titan_integration.train import complete_argv
+    from slimtrain.titan_integration.trainer import SlimTrainer
 
     spec.register()
     results = []

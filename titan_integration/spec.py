@@ -5,7 +5,7 @@ adapter unchanged) with slimtrain's flavors, optimizer and LR-scheduler builders
 dataloader and tokenizer builders, and the perplexity validator swapped in.
 
 Importing this module registers both (guarded: torchtitan raises on a second registration of the
-same name), so ``[experimental] custom_import = "titan_integration.spec"`` also makes them
+same name), so ``[experimental] custom_import = "slimtrain.titan_integration.spec"`` also makes them
 available to torchtitan's own ``torchtitan.train`` entry point. ``titan_integration/train.py`` is
 the supported entry point: it adds corpus preparation, non-finite-loss stops, the final
 validation and the memory report.
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 
 import torchtitan.protocols.train_spec as train_spec_module  # noqa: E402
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec  # noqa: E402
 
-from titan_integration import converter, data, memory_layers, optimizer, validation  # noqa: E402
-from titan_integration.flavors import FLAVORS  # noqa: E402
+from slimtrain.titan_integration import converter, data, memory_layers, optimizer, perplexity  # noqa: E402
+from slimtrain.titan_integration.flavors import FLAVORS  # noqa: E402
 
 TRAIN_SPEC_NAME = "slimtrain_llama"
 
@@ -37,7 +37,7 @@ def build_train_spec() -> TrainSpec:
         build_lr_schedulers_fn=optimizer.build_lr_schedulers,
         build_dataloader_fn=data.build_dataloader,
         build_tokenizer_fn=data.make_tokenizer_builder(FLAVORS),
-        build_validator_fn=validation.build_validator,
+        build_validator_fn=perplexity.build_validator,
     )
 
 

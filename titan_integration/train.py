@@ -8,14 +8,14 @@ installed method. On a machine without a GPU the same command trains on CPU with
 
 Order matters here, which is why this file does so little itself:
 1. fix ``sys.path`` when run as a script path (``sys.path[0]`` would be this folder, whose module
-   names - data, optimizer, memory, ... - must not shadow top-level packages; the repo root
-   goes there instead, so ``titan_integration`` and ``plugins`` import from a checkout);
+   names - data, optimizer, memory, ... - must not shadow top-level packages; slimtrain itself
+   imports as the installed ``slimtrain`` package, editable from this checkout after setup.sh);
 2. complete the argument list (``[job] custom_config_module`` and ``[model] name`` default to
    slimtrain's when neither the TOML nor the CLI names them; a CPU flavor brings its run scale,
    see run_defaults.py) - torchtitan binds
    ``ConfigManager.parse_args``'s default argument list when it is imported, so the final list is
    handed to it explicitly;
-3. apply the CPU shim before torchtitan is imported (``titan_integration.cpu_shim``);
+3. apply the CPU shim before torchtitan is imported (``slimtrain.titan_integration.cpu_shim``);
 4. load the method plugins, register the train spec and the ``slimtrain`` converter;
 5. run ``torchtitan.train.main(SlimTrainer)``.
 """
@@ -26,17 +26,14 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+    del sys.path[0]
 
-from titan_integration import run_defaults  # noqa: E402  (torch-free)
+from slimtrain.titan_integration import run_defaults  # noqa: E402  (torch-free)
 
-CUSTOM_CONFIG_MODULE = "titan_integration.job_config"
-TRAIN_SPEC_NAME = "slimtrain_llama"  # == titan_integration.spec.TRAIN_SPEC_NAME (not imported yet)
-CONVERTER_NAME = "slimtrain"  # == titan_integration.converter.CONVERTER_NAME (not imported yet)
+CUSTOM_CONFIG_MODULE = "slimtrain.titan_integration.job_config"
+TRAIN_SPEC_NAME = "slimtrain_llama"  # == slimtrain.titan_integration.spec.TRAIN_SPEC_NAME (not imported yet)
+CONVERTER_NAME = "slimtrain"  # == slimtrain.titan_integration.converter.CONVERTER_NAME (not imported yet)
 
 
 def _cli_value(argv: list[str], *keys: str) -> str | None:
@@ -94,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = complete_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]
 
-    from titan_integration import cpu_shim
+    from slimtrain.titan_integration import cpu_shim
 
     cpu_shim.apply()
 
@@ -105,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     # was when torchtitan.config.manager was imported; give it the completed list.
     manager.ConfigManager.parse_args.__defaults__ = (list(argv),)
 
-    from registry import get_methods
+    from slimtrain.registry import get_methods
 
     get_methods()  # load the method plugins (built-in and installed) before configs are parsed
 
-    from titan_integration import spec
-    from titan_integration.trainer import SlimTrainer
+    from slimtrain.titan_integration import spec
+    from slimtrain.titan_integration.trainer import SlimTrainer
 
     spec.register()
     titan_train.main(SlimTrainer)

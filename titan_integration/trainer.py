@@ -27,7 +27,7 @@ import math
 import os
 import time
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 
@@ -35,11 +35,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
-from titan_integration import context, data, memory, preflight, safe_checkpoint, spec  # noqa: E402
-from titan_integration.converter import CONVERTER_NAME  # noqa: E402
-from titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
-from titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
-from titan_integration.rng_state import STATE_KEY, RNGState  # noqa: E402
+from slimtrain.titan_integration import context, data, memory, preflight, safe_checkpoint, spec  # noqa: E402
+from slimtrain.titan_integration.converter import CONVERTER_NAME  # noqa: E402
+from slimtrain.titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
+from slimtrain.titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
+from slimtrain.titan_integration.rng_state import STATE_KEY, RNGState  # noqa: E402
 
 log = logging.getLogger("slimtrain")
 
@@ -198,7 +198,7 @@ class SlimTrainer(Trainer):
         lines = [f"slimtrain memory after step {self.step} (this rank; sharded sizes under FSDP):"]
         lines += ["  " + line for line in measured.lines()]
         try:
-            from registry import llama_dense_specs
+            from slimtrain.registry import llama_dense_specs
 
             a = self.model_args
             dense = llama_dense_specs(a.dim, ffn_hidden_dim(a), a.n_layers, a.vocab_size, a.n_heads, a.n_kv_heads)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from registry import (
+from slimtrain.registry import (
     DEFAULT_TARGETS,
     Capability,
     ConfigError,
@@ -30,10 +30,10 @@ from registry import (
     check_range,
     hookimpl,
 )
-from registry.sharded import OwnerRanks, RowShards
-from registry.subspace import randomized_range, refresh_seed, std_side, svd_projection
-from registry.tensors import local_tensor
-from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry.sharded import OwnerRanks, RowShards
+from slimtrain.registry.subspace import randomized_range, refresh_seed, std_side, svd_projection
+from slimtrain.registry.tensors import local_tensor
+from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class GaLoreConfig:
 
 def validate_projection(cfg: Any, section: str) -> None:
     """Range checks shared by galore and fira (errors name the key, value and allowed range)."""
-    from registry.subspace import PROJ_METHODS
+    from slimtrain.registry.subspace import PROJ_METHODS
 
     check_range(section, "rank", cfg.rank, low=1)
     check_range(section, "update_proj_gap", cfg.update_proj_gap, low=1)

@@ -3,7 +3,7 @@
 Not a method and not how training builds optimizers (the composition builds a ``ComposedOptimizer``
 from the methods' update rules). It keeps the older group-option interface for the math tests and
 benchmarks that step one matrix with given settings: a group with ``proj_rank`` is stepped by
-``plugins.galore.ProjectionRule`` (``fira = True`` adds Fira's residual), any other group by the
+``slimtrain.plugins.galore.ProjectionRule`` (``fira = True`` adds Fira's residual), any other group by the
 AdamW rule. ``compute_projection(group, rows, side, seed)`` may be overridden to fix the projection.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from registry.composed_optimizer import ComposedOptimizer
-from registry.method import ParamSpec
-from registry.subspace import PROJ_METHODS
+from slimtrain.registry.composed_optimizer import ComposedOptimizer
+from slimtrain.registry.method import ParamSpec
+from slimtrain.registry.subspace import PROJ_METHODS
 
 __all__ = ["PROJECTION_KEYS", "PROJ_METHODS", "ProjectedAdamW"]
 
@@ -41,8 +41,8 @@ class ProjectedAdamW(ComposedOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ):
-        from plugins.adamw import AdamWRule
-        from plugins.galore import ProjectionRule
+        from slimtrain.plugins.adamw import AdamWRule
+        from slimtrain.plugins.galore import ProjectionRule
 
         params = list(params)
         groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
@@ -78,6 +78,6 @@ class ProjectedAdamW(ComposedOptimizer):
 
     def compute_projection(self, group: dict, rows, side: str, seed: int) -> torch.Tensor:
         """A fresh projection from the current gradient (the group's rule's refresh)."""
-        from plugins.galore import ProjectionRule
+        from slimtrain.plugins.galore import ProjectionRule
 
         return ProjectionRule.compute_projection(self.rules[group["rule"]], rows, side, seed)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from titan_integration.bench import cli as bench_cli
-from titan_integration.bench import memory as memory_cli
+from slimtrain.bench import cli as bench_cli
+from slimtrain.bench import memory as memory_cli
 
 # Published 1B figures (GaLore and SLTrain papers, as the benchmark paper reproduces them): weights + AdamW moments, bf16, GB.
 PUBLISHED_1B = {
@@ -103,7 +103,7 @@ def test_failed_recipe_is_reported_and_sweep_goes_on(tmp_path):
     assert runs["sltrain"]["status"] == "failed"
     assert "[sltrain] rank = 64 does not fit" in runs["sltrain"]["error"]
     assert runs["full_rank"]["status"] == "ok"
-    assert "failed: registry.errors.ConfigError: [sltrain] rank = 64" in (out / "results.md").read_text()
+    assert "failed: slimtrain.registry.errors.ConfigError: [sltrain] rank = 64" in (out / "results.md").read_text()
 
 
 def test_unknown_recipe_is_refused_before_running(tmp_path, capsys):

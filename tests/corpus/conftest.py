@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from titan_integration.corpus.prepare import CorpusSettings, prepare_corpus
+from slimtrain.corpus.prepare import CorpusSettings, prepare_corpus
 
 from .fakes import fake_sources
 

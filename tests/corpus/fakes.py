@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from titan_integration.corpus.sources import (
+from slimtrain.corpus.sources import (
     KIND_GUTENBERG,
     KIND_RST,
     Fetched,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from titan_integration.corpus import clean
-from titan_integration.corpus.sources import KIND_GUTENBERG, KIND_RST
+from slimtrain.corpus import clean
+from slimtrain.corpus.sources import KIND_GUTENBERG, KIND_RST
 
 from .fakes import GUTENBERG_FOOTER, GUTENBERG_HEADER
 

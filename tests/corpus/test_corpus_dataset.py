@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from titan_integration.corpus import dataset as cds
+from slimtrain.titan_integration import corpus_dataset as cds
 
 from .conftest import SMALL_VOCAB
 
@@ -162,7 +162,7 @@ def test_builders_on_prepared_corpus(small_corpus):
 def test_builder_refuses_other_tokenizer(small_corpus, tmp_path):
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
-    from titan_integration.corpus import tokenizer as tkn
+    from slimtrain.corpus import tokenizer as tkn
 
     _, result = small_corpus
     other = tmp_path / "other"

@@ -8,10 +8,10 @@ import logging
 import numpy as np
 import pytest
 
-from titan_integration.corpus import cli, prepare, sources
-from titan_integration.corpus import tokenizer as tkn
-from titan_integration.corpus.manifest import read_manifest
-from titan_integration.corpus.sources import sha256_file
+from slimtrain.corpus import cli, prepare, sources
+from slimtrain.corpus import tokenizer as tkn
+from slimtrain.corpus.manifest import read_manifest
+from slimtrain.corpus.sources import sha256_file
 
 from .conftest import SETTINGS, SMALL_VOCAB
 from .fakes import fake_source, fake_sources

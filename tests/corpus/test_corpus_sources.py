@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from titan_integration.corpus import sources
+from slimtrain.corpus import sources
 
 
 def _sources_by_name():

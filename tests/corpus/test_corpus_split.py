@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from titan_integration.corpus import split
+from slimtrain.corpus import split
 
 
 def test_pinned_assignments_do_not_drift():
@@ -21,7 +21,7 @@ def test_pinned_assignments_do_not_drift():
 
 
 def _assignments_in_subprocess(seed: str) -> str:
-    code = ("from titan_integration.corpus import split;"
+    code = ("from slimtrain.corpus import split;"
             "print(''.join('v' if split.split_of(f'doc-{i}', 0.3) == 'val' else 't' "
             "for i in range(200)))")
     env = {"PYTHONHASHSEED": seed, "PATH": ""}

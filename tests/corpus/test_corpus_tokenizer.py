@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from titan_integration.corpus import tokenizer as tkn
+from slimtrain.corpus import tokenizer as tkn
 
 from .fakes import prose
 

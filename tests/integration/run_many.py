@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from titan_integration.run_plan import main  # noqa: E402
+from slimtrain.titan_integration.run_plan import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The prepared GPU check (titan_integration/gpu_check.py) cannot rot: its whole sequence runs here
+"""The prepared GPU check (slimtrain/gpu_check.py) cannot rot: its whole sequence runs here
 on CPU at the nano flavor, and its refusals are clear."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from .helpers import ROOT, python
 
-SCRIPT = str(ROOT / "titan_integration" / "gpu_check.py")
+SCRIPT = str(ROOT / "slimtrain" / "gpu_check.py")
 
 
 @pytest.mark.integration
@@ -75,7 +75,7 @@ def test_the_7b_run_is_skipped_with_a_note_when_the_memory_model_says_it_does_no
 
     import torch
 
-    from titan_integration import gpu_check
+    from slimtrain import gpu_check
 
     model = tmp_path / "memory_7b_model.txt"
     model.write_text("| recipe | methods | total |\n|---|---|---|\n"
@@ -91,7 +91,7 @@ def test_the_7b_run_is_skipped_with_a_note_when_the_memory_model_says_it_does_no
 def test_a_check_without_torchtitan_names_the_wheels(monkeypatch, tmp_path):
     import importlib.util
 
-    from titan_integration import gpu_check
+    from slimtrain import gpu_check
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchtitan" else real(name, *a))

@@ -7,8 +7,8 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from registry import ConfigError
-from titan_integration import gpu_path
+from slimtrain.registry import ConfigError
+from slimtrain.titan_integration import accelerator_checks as gpu_path
 
 
 def _job(mode="none", option="2", compile_enable=False, param="bfloat16"):
@@ -82,7 +82,7 @@ def test_compile_counter_sees_recompiles_and_graph_breaks():
     """The counts that test_gpu_path_compile asserts to be zero can be non-zero (run_plan's counters)."""
     import torch
 
-    from titan_integration import run_plan
+    from slimtrain.titan_integration import run_plan
 
     run_plan._watch_recompiles()
     run_plan._reset_compile_state()

@@ -45,7 +45,7 @@ def site_env(site: Path) -> dict[str, str]:
 
 
 def test_lion_is_listed_from_its_distribution(lion_site):
-    code = "from titan_integration.cli import main; main(['list', '--json'])"
+    code = "from slimtrain.cli import main; main(['list', '--json'])"
     proc = subprocess.run([sys.executable, "-c", code], env=site_env(lion_site), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
@@ -57,8 +57,8 @@ def test_lion_steps_follow_the_paper(lion_site, monkeypatch):
     monkeypatch.syspath_prepend(str(lion_site))
     from slimtrain_lion.lion import LionRule
 
-    from registry import ParamSpec
-    from registry.composed_optimizer import ComposedOptimizer
+    from slimtrain.registry import ParamSpec
+    from slimtrain.registry.composed_optimizer import ComposedOptimizer
 
     torch.manual_seed(0)
     w = torch.randn(5, 7, dtype=torch.float64)

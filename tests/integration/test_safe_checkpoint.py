@@ -8,11 +8,11 @@ import pickle
 import pytest
 import torch
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 
-from titan_integration import safe_checkpoint  # noqa: E402
+from slimtrain.titan_integration import safe_checkpoint  # noqa: E402
 
 
 class Payload:

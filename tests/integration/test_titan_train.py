@@ -75,7 +75,7 @@ def test_every_recipe_resumes_exactly_one_rank_and_faults(offline_assets, tmp_pa
     """1 rank: all recipes (straight == half + resume, bitwise); plus, in the same launch, a NaN
     loss stop that keeps the last good checkpoint, a resume from it, a tokenizer larger than the
     flavor's vocabulary, and bad compositions failing with the registry's message."""
-    from registry import CompositionError, ConfigError, compose
+    from slimtrain.registry import CompositionError, ConfigError, compose
 
     a = offline_assets
     recipes = list(RECIPE_OVERRIDES)
@@ -170,7 +170,7 @@ def test_train_py_sltrain_on_embedded_corpus(tmp_path):
 
 
 def test_train_py_bad_composition_fails_before_model(tmp_path):
-    from registry import CompositionError, compose
+    from slimtrain.registry import CompositionError, compose
 
     with pytest.raises(CompositionError) as expected:
         compose(["sltrain", "low_rank"], {})

@@ -18,7 +18,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from titan_integration import cpu_shim  # noqa: E402
+from slimtrain.titan_integration import cpu_shim  # noqa: E402
 
 cpu_shim.apply()
 
@@ -49,7 +49,7 @@ EXPECTED = {
 def _parse(args):
     from torchtitan.config import ConfigManager
 
-    from titan_integration.train import complete_argv
+    from slimtrain.titan_integration.train import complete_argv
 
     return ConfigManager().parse_args(complete_argv(args))
 
@@ -77,7 +77,7 @@ def check_cpu_shim():
 def check_flavors_match_paper():
     from torchtitan.models.llama3 import Transformer
 
-    from titan_integration.flavors import FLAVORS, PAPER_SHAPES, ffn_hidden_dim
+    from slimtrain.titan_integration.flavors import FLAVORS, PAPER_SHAPES, ffn_hidden_dim
 
     for name, shape in PAPER_SHAPES.items():
         args = FLAVORS[name]
@@ -96,7 +96,7 @@ def check_flavors_match_paper():
 
 
 def check_run_defaults():
-    from titan_integration.train import complete_argv
+    from slimtrain.titan_integration.train import complete_argv
 
     argv = complete_argv(["--job.config_file", "plugins/sltrain.toml", "--model.flavor", "tiny",
                           "--training.local_batch_size", "2"])
@@ -108,9 +108,9 @@ def check_run_defaults():
 
 
 def check_job_config_sections_mirror_methods():
-    from registry import get_methods
+    from slimtrain.registry import get_methods
 
-    from titan_integration.job_config import JobConfig
+    from slimtrain.titan_integration.job_config import JobConfig
 
     fields = {f.name: f for f in dataclasses.fields(JobConfig)}
     assert "slimtrain" in fields
@@ -148,7 +148,7 @@ def check_lists_from_toml_and_cli_without_warnings():
     parse to the same tuple and raise no warning from the CLI parser."""
     import warnings
 
-    from titan_integration import context
+    from slimtrain.titan_integration import context
 
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write('[slimtrain]\nmethods = ["galore", "fira"]\n'
@@ -179,7 +179,7 @@ def check_slimtrain_defaults_have_one_owner():
     the converter is refused by the trainer instead of being patched a second way."""
     import glob
 
-    from titan_integration.trainer import prepare_job_config
+    from slimtrain.titan_integration.trainer import prepare_job_config
 
     for path in sorted(glob.glob(os.path.join(ROOT, "plugins", "*.toml"))):
         text = open(path).read()
@@ -199,7 +199,7 @@ def check_slimtrain_defaults_have_one_owner():
 
 
 def check_every_recipe_composes():
-    from titan_integration import context
+    from slimtrain.titan_integration import context
 
     for recipe in RECIPES:
         cfg = _parse(["--job.config_file", f"plugins/{recipe}.toml"])
@@ -220,10 +220,10 @@ def check_every_recipe_composes():
 
 def check_lr_factor_and_true_step_after_resume():
     """LR = base * schedule(s-1) * lr_factor(s); hooks see 1..n, and continue after a reload."""
-    from registry import compose
+    from slimtrain.registry import compose
     from torchtitan.config import LRScheduler, Optimizer
 
-    from titan_integration import context, optimizer
+    from slimtrain.titan_integration import context, optimizer
 
     comp = compose(["momentum_reset"], {"momentum_reset": {"every": 3, "warmup_steps": 2, "warmup_start": 0.1}})
     seen = []
@@ -278,7 +278,7 @@ def check_lr_factor_and_true_step_after_resume():
 
 
 def check_memory_breakdown():
-    from titan_integration.memory import measure
+    from slimtrain.titan_integration.memory import measure
 
     model = nn.Linear(4, 3)
     model(torch.ones(2, 4)).sum().backward()

@@ -1,4 +1,4 @@
-"""The GPU memory model (registry/activation_memory.py) against the tensors a real training step holds:
+"""The GPU memory model (registry/device_memory.py) against the tensors a real training step holds:
 weights, gradients (all, or the per-layer peak), optimizer state (8-bit where state_8bit stores it) and
 index buffers, measured on a small torchtitan LLaMA in fp32 (bytes_per_element = 4), within 5%.
 Activations and the step's peak: tests/methods/test_memory_tracker.py (torch's MemTracker)."""
@@ -22,7 +22,7 @@ RECIPES = {
 
 
 def _bytes(t: torch.Tensor) -> int:
-    from registry.tensors import local_tensor
+    from slimtrain.registry.tensors import local_tensor
 
     t = local_tensor(t)
     return t.numel() * t.element_size()
@@ -32,10 +32,10 @@ def _bytes(t: torch.Tensor) -> int:
 def test_model_matches_the_tensors_of_a_real_step(recipe):
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
-    from plugins.per_layer_updates import PerLayerStepper
-    from plugins.state_8bit import install_codec
-    from registry import OptimizerHyper, compose, llama_dense_specs
-    from registry.activation_memory import device_memory
+    from slimtrain.plugins.per_layer_updates import PerLayerStepper
+    from slimtrain.plugins.state_8bit import install_codec
+    from slimtrain.registry import OptimizerHyper, compose, llama_dense_specs
+    from slimtrain.registry.device_memory import device_memory
 
     methods, sections = RECIPES[recipe]
     comp = compose(methods, sections)
@@ -95,8 +95,8 @@ def test_model_matches_the_tensors_of_a_real_step(recipe):
 def test_the_analytic_table_counts_8bit_state_as_the_device_table_does():
     """`slimtrain memory` (weights + state) and `--device` give one optimizer figure for a composition
     with state_8bit: 1 byte per moment element plus the block scales, not 2."""
-    from registry import compose, llama_dense_specs
-    from registry.activation_memory import device_memory
+    from slimtrain.registry import compose, llama_dense_specs
+    from slimtrain.registry.device_memory import device_memory
 
     dense = llama_dense_specs(64, 160, 2, 256, 4)
     plain = compose(["galore"], {"galore": {"rank": 8}}).estimate_memory(dense)

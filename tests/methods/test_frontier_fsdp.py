@@ -37,7 +37,7 @@ class CommCounter:
     def __init__(self):
         import torch.distributed as dist
 
-        from registry import sharded
+        from slimtrain.registry import sharded
 
         self.bytes = 0
         self.active = False
@@ -68,8 +68,8 @@ COUNTER = None
 def run_recipe(name: str, rank: int, world: int, shard: bool) -> dict[str, torch.Tensor]:
     from torch import nn
 
-    from registry import OptimizerHyper, StepContext, compose
-    from registry.tensors import full_tensor
+    from slimtrain.registry import OptimizerHyper, StepContext, compose
+    from slimtrain.registry.tensors import full_tensor
 
     methods, sections = RECIPES[name]
     comp = compose(methods, sections)

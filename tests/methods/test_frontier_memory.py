@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from titan_integration.bench.memory import memory_row
+from slimtrain.bench.memory import memory_row
 
 # the SCALE paper's LLaMA-1B column (OptimAI-Lab/Minimalist_LLM_Pretraining README)
 PUBLISHED_1B = {"full_rank": 8.04, "galore": 4.76, "fira": 4.76, "apollo": 4.76, "apollo_mini": 3.20, "scale": 2.81, "muon": 5.36}

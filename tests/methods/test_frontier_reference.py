@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from registry import ConfigError, OptimizerHyper, compose
+from slimtrain.registry import ConfigError, OptimizerHyper, compose
 
 STEPS = 24
 
@@ -106,7 +106,7 @@ APOLLO_CASES = {
 
 @pytest.mark.parametrize("method", list(APOLLO_CASES))
 def test_apollo_equals_apollo_torch_with_the_projection_fixed(method, monkeypatch):
-    from plugins.apollo import ApolloRule
+    from slimtrain.plugins.apollo import ApolloRule
 
     reference_cls, next_seed = load_apollo_torch()
     case = APOLLO_CASES[method]
@@ -152,8 +152,8 @@ def test_apollo_equals_apollo_torch_with_the_projection_fixed(method, monkeypatc
 def test_apollo_state_and_reset_declarations():
     comp = compose(["apollo", "momentum_reset"], {"apollo": {"rank": 4}, "momentum_reset": {"every": 3}})
     rule = comp.method("apollo").update_rule()
-    from registry import ParamSpec
-    from registry.update_rule import OnReset
+    from slimtrain.registry import ParamSpec
+    from slimtrain.registry.update_rule import OnReset
 
     specs = {s.name: s for s in rule.state_specs(ParamSpec("w2.weight", "w2", "weight", (16, 40), is_linear=True))}
     assert specs["exp_avg"].shape == (4, 40) and specs["exp_avg"].on_reset is OnReset.ZERO
@@ -296,7 +296,7 @@ def test_rank_above_the_matrix_dimension_and_non_matrix_params_are_refused():
     ],
 )
 def test_momentum_reset_applies_each_rules_declarations(method, zeroed, kept):
-    from registry import StepContext
+    from slimtrain.registry import StepContext
 
     class WithHead(Net):
         def __init__(self):

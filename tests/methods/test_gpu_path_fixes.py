@@ -8,9 +8,9 @@ import functools
 import torch
 from torch import nn
 
-from plugins.low_rank import LowRankParametrization
-from plugins.sltrain import dense_weight, draw_support, sparse_lowrank_linear
-from registry.parametrization import attach, bake, parametrization_of
+from slimtrain.plugins.low_rank import LowRankParametrization
+from slimtrain.plugins.sltrain import dense_weight, draw_support, sparse_lowrank_linear
+from slimtrain.registry.parametrization import attach, bake, parametrization_of
 
 
 def _sl_inputs(m=16, n=12, r=4, seed=0):

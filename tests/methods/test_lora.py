@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from registry import ConfigError, OptimizerHyper, compose
-from registry.parametrization import attach, originals, parametrization_of
+from slimtrain.registry import ConfigError, OptimizerHyper, compose
+from slimtrain.registry.parametrization import attach, originals, parametrization_of
 
 from tests.methods.tiny import TINY, tiny_model
 

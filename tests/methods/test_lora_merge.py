@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from plugins.lora_merge import merge_
-from registry import CompositionError, OptimizerHyper, StepContext, compose
-from registry.parametrization import attach, originals, parametrization_of
+from slimtrain.plugins.lora_merge import merge_
+from slimtrain.registry import CompositionError, OptimizerHyper, StepContext, compose
+from slimtrain.registry.parametrization import attach, originals, parametrization_of
 
 from tests.methods.tiny import TINY, tiny_model
 

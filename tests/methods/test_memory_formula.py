@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from registry import compose, llama_dense_specs
+from slimtrain.registry import compose, llama_dense_specs
 
 VOCAB = 32000
 # size: (dim, ffn, layers, heads, rank, multiple_of giving that FFN from torchtitan's 8/3 rule)

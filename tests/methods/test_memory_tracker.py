@@ -1,4 +1,4 @@
-"""The GPU memory model (registry/activation_memory.py, ``device="cpu"``) against torch's MemTracker
+"""The GPU memory model (registry/device_memory.py, ``device="cpu"``) against torch's MemTracker
 on a real training step of the tiny torchtitan LLaMA in fp32, for the issue's compositions, within
 5%: weights, gradients, optimizer state, index buffers, activations, the step's peak, and the peak
 during each block's backward (the model's ``block i`` moments). The cases are chosen so the peak
@@ -37,7 +37,7 @@ def test_model_matches_memtracker(recipe, ac, batch, seq_len, phase):
 
 def test_cpu_and_cuda_differ_by_the_normalized_copy():
     """On CPU the composite RMSNorm also saves x * rstd: one more h per norm (3 norms per 1 block model)."""
-    from registry.activation_memory import activation_bytes
+    from slimtrain.registry.device_memory import activation_bytes
 
     shape = dict(dim=64, ffn=160, layers=1, heads=4, vocab=128, batch=2, seq_len=8, ac="none", act_bytes=4)
     assert activation_bytes(**shape, device="cpu") - activation_bytes(**shape, device="cuda") == 3 * 64 * 16 * 4

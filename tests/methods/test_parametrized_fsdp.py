@@ -36,8 +36,8 @@ RECIPES = {
 def run_recipe(name: str, rank: int, world: int, shard: bool) -> dict[str, torch.Tensor]:
     from torch import nn
 
-    from registry import OptimizerHyper, StepContext, compose
-    from registry.tensors import full_tensor
+    from slimtrain.registry import OptimizerHyper, StepContext, compose
+    from slimtrain.registry.tensors import full_tensor
 
     methods, sections = RECIPES[name]
     comp = compose(methods, sections)

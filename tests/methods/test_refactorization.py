@@ -7,9 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins.refactorization import balanced_factors, refactorize_
-from registry import CompositionError, StepContext, compose
-from registry.parametrization import originals, parametrization_of
+from slimtrain.plugins.refactorization import balanced_factors, refactorize_
+from slimtrain.registry import CompositionError, StepContext, compose
+from slimtrain.registry.parametrization import originals, parametrization_of
 
 from tests.methods.tiny import TINY, tiny_model
 

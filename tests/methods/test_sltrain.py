@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from plugins.sltrain import SparseLowRankLinear, draw_support
-from registry import ConfigError, compose
-from registry.parametrization import attach, originals, parametrization_of
+from slimtrain.plugins.sltrain import SparseLowRankLinear, draw_support
+from slimtrain.registry import ConfigError, compose
+from slimtrain.registry.parametrization import attach, originals, parametrization_of
 
 from tests.methods.tiny import TINY, tiny_model
 
@@ -135,7 +135,7 @@ def test_bad_rank_names_the_weight_and_shape():
 
 
 def test_support_is_uniform_over_positions():
-    from plugins.sltrain import draw_support
+    from slimtrain.plugins.sltrain import draw_support
 
     counts = torch.zeros(6 * 5)
     draws = 3000

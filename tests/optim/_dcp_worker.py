@@ -57,7 +57,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build(recipe: str, seed: int, fsdp: bool):
     from torch.distributed.fsdp import fully_shard
 
-    from registry import OptimizerHyper, StepContext, compose
+    from slimtrain.registry import OptimizerHyper, StepContext, compose
 
     names, sections = RECIPES[recipe]
     comp = compose(names, sections)
@@ -85,7 +85,7 @@ def train(comp, model, optim, StepContext, first: int, last: int) -> None:
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
-    from registry.tensors import full_tensor
+    from slimtrain.registry.tensors import full_tensor
 
     return {k: full_tensor(v).clone() for k, v in model.named_parameters()}
 

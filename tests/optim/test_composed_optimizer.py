@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from registry import (
+from slimtrain.registry import (
     Capability,
     CompositionError,
     ConfigError,
@@ -19,8 +19,8 @@ from registry import (
     compose,
     llama_dense_specs,
 )
-from registry.composed_optimizer import ComposedOptimizer
-from registry.update_rule import OnReset, StateSpec, UpdateRule
+from slimtrain.registry.composed_optimizer import ComposedOptimizer
+from slimtrain.registry.update_rule import OnReset, StateSpec, UpdateRule
 
 
 class Attention(nn.Module):
@@ -77,7 +77,7 @@ def train(comp, model, xs, opt=None, hyper=OptimizerHyper(lr=0.01, weight_decay=
 
 # -- several optimizer methods in one optimizer -------------------------------------------------------
 def test_galore_on_attention_and_fira_on_the_mlp_each_step_their_own_parameters():
-    from plugins.galore.projected_adamw import ProjectedAdamW
+    from slimtrain.plugins.galore.projected_adamw import ProjectedAdamW
 
     comp = compose(*TWO)
     m = block()
@@ -267,7 +267,7 @@ def test_a_matrix_rule_on_a_vector_is_refused_before_training():
 
 
 def _adamw():
-    from plugins.adamw import AdamW
+    from slimtrain.plugins.adamw import AdamW
 
     return AdamW
 

@@ -1,7 +1,7 @@
 """The memory layers refuse, before a model is built, an optimizer method whose update rule declares
 no state: state_8bit has no moment to store in 8 bits, per_layer_updates cannot step it one
 parameter at a time through declared state. The check runs from the job config
-(titan_integration.memory_layers.check_job, called by the trainer before the model is built)."""
+(slimtrain.titan_integration.memory_layers.check_job, called by the trainer before the model is built)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from registry import DEFAULT_TARGETS, Capability, ConfigError, Method, compose, hookimpl
-from registry.manager import register_plugin, unregister_plugin
-from registry.update_rule import UpdateRule
+from slimtrain.registry import DEFAULT_TARGETS, Capability, ConfigError, Method, compose, hookimpl
+from slimtrain.registry.manager import register_plugin, unregister_plugin
+from slimtrain.registry.update_rule import UpdateRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ def _job(max_norm: float = 0.0) -> SimpleNamespace:
 
 @pytest.mark.parametrize("layer", ["state_8bit", "per_layer_updates"])
 def test_a_rule_without_declared_state_is_refused_naming_layer_and_method(stateless_method, layer):
-    from titan_integration.memory_layers import check_job
+    from slimtrain.titan_integration.memory_layers import check_job
 
     comp = compose([stateless_method, layer], {})
     with pytest.raises(ConfigError, match=rf"\[{layer}\] optimizer method 'stateless_sign' declares no state"):
@@ -73,7 +73,7 @@ def test_a_rule_without_declared_state_is_refused_naming_layer_and_method(statel
 def test_the_refusal_is_the_memory_layers_own(stateless_method):
     """Without a memory layer the same composition passes the job check, and with a rule that
     declares its state (adamw) the memory layers pass too: the refusal names the undeclared rule."""
-    from titan_integration.memory_layers import check_job
+    from slimtrain.titan_integration.memory_layers import check_job
 
     check_job(_job(), compose([stateless_method], {}))
     check_job(_job(), compose(["adamw", "state_8bit", "per_layer_updates"], {}))

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from registry import (
+from slimtrain.registry import (
     Capability,
     ConfigError,
     HookStage,
@@ -40,7 +40,7 @@ def model():
 
 # -- registration and composition -----------------------------------------------------------------
 def test_methods_are_registered_with_their_capabilities():
-    from registry import get_methods
+    from slimtrain.registry import get_methods
 
     methods = get_methods()
     assert methods["galore"].cls.provides == {Capability.OPTIMIZER, Capability.MEMORY_ESTIMATE}
@@ -52,8 +52,8 @@ def test_methods_are_registered_with_their_capabilities():
 
 
 def test_galore_param_groups_project_selected_weights_only():
-    from plugins.galore import ProjectionRule
-    from registry.composed_optimizer import ComposedOptimizer
+    from slimtrain.plugins.galore import ProjectionRule
+    from slimtrain.registry.composed_optimizer import ComposedOptimizer
 
     comp = compose(["galore"], {"galore": {"rank": 8, "update_proj_gap": 5}})
     m = model()
@@ -97,7 +97,7 @@ def test_galore_on_low_rank_factors_composes_when_low_rank_is_installed():
 
 
 def test_galore_and_fira_cannot_both_project_the_same_weights():
-    from registry import CompositionError
+    from slimtrain.registry import CompositionError
 
     with pytest.raises(CompositionError, match="two optimizer methods"):
         compose(["galore", "fira"])
@@ -112,7 +112,7 @@ def test_galore_memory_matches_the_published_1b_figure():
 
 
 def test_state_elements_per_matrix():
-    from registry.memory import optimizer_state_elements
+    from slimtrain.registry.memory import optimizer_state_elements
 
     comp = compose(["galore"], {"galore": {"rank": 4}})
     wide = ParamSpec("a.w2.weight", "a.w2", "weight", (16, 40), is_linear=True)

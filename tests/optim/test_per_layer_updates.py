@@ -47,10 +47,10 @@ RECIPES = {
 def run_recipe(name: str, rank: int, world: int, shard: bool, per_layer: bool) -> dict[str, torch.Tensor]:
     from torch import nn
 
-    from plugins.per_layer_updates import PerLayerStepper
-    from plugins.state_8bit import install_codec
-    from registry import OptimizerHyper, StepContext, compose
-    from registry.tensors import full_tensor
+    from slimtrain.plugins.per_layer_updates import PerLayerStepper
+    from slimtrain.plugins.state_8bit import install_codec
+    from slimtrain.registry import OptimizerHyper, StepContext, compose
+    from slimtrain.registry.tensors import full_tensor
 
     methods, sections = RECIPES[name]
     comp = compose(methods, sections)
@@ -160,8 +160,8 @@ def test_per_layer_under_fsdp2_equals_the_plain_unsharded_step(runs, recipe, wor
 
 # -- bad input --------------------------------------------------------------------------------------
 def test_global_clipping_is_refused_with_the_alternative():
-    from plugins.per_layer_updates import check_trainer
-    from registry import ConfigError
+    from slimtrain.plugins.per_layer_updates import check_trainer
+    from slimtrain.registry import ConfigError
 
     with pytest.raises(ConfigError, match=r"\[per_layer_updates\] training.max_norm = 1.0.*max_norm = 0.*per_parameter"):
         check_trainer(max_norm=1.0, grad_accumulation_steps=1)
@@ -169,8 +169,8 @@ def test_global_clipping_is_refused_with_the_alternative():
 
 
 def test_gradient_accumulation_is_refused():
-    from plugins.per_layer_updates import check_trainer
-    from registry import ConfigError
+    from slimtrain.plugins.per_layer_updates import check_trainer
+    from slimtrain.registry import ConfigError
 
     with pytest.raises(ConfigError, match=r"\[per_layer_updates\] gradient accumulation steps = 4"):
         check_trainer(max_norm=0.0, grad_accumulation_steps=4)
@@ -178,7 +178,7 @@ def test_gradient_accumulation_is_refused():
 
 @pytest.mark.parametrize("key,value", [("clip", "global"), ("max_norm", 0), ("max_norm", float("inf"))])
 def test_bad_config_names_method_key_value(key, value):
-    from registry import ConfigError, compose
+    from slimtrain.registry import ConfigError, compose
 
     with pytest.raises(ConfigError, match=rf"\[per_layer_updates\] {key} = {value!r}"):
         compose(["adamw", "per_layer_updates"], {"per_layer_updates": {key: value}})
@@ -187,8 +187,8 @@ def test_bad_config_names_method_key_value(key, value):
 def test_per_parameter_clipping_bounds_each_update_input():
     from torch import nn
 
-    from plugins.per_layer_updates import PerLayerStepper
-    from registry import OptimizerHyper, compose
+    from slimtrain.plugins.per_layer_updates import PerLayerStepper
+    from slimtrain.registry import OptimizerHyper, compose
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins.galore.projected_adamw import ProjectedAdamW
-from registry.sharded import RowShards as _Rows
-from registry.subspace import normalize_basis as _normalize, randomized_range, std_side, svd_projection
+from slimtrain.plugins.galore.projected_adamw import ProjectedAdamW
+from slimtrain.registry.sharded import RowShards as _Rows
+from slimtrain.registry.subspace import normalize_basis as _normalize, randomized_range, std_side, svd_projection
 
 BETAS = (0.9, 0.999)
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.quant8 import codebook, dequantize, max_gap, n_blocks, nearest_codes, quantize
+from slimtrain.registry.quant8 import codebook, dequantize, max_gap, n_blocks, nearest_codes, quantize
 
 shapes = st.one_of(
     st.tuples(st.integers(1, 700)),
@@ -133,7 +133,7 @@ def test_a_non_finite_entry_decodes_its_block_non_finite_and_leaves_other_blocks
 def test_chunked_encoding_and_decoding_equal_one_pass(monkeypatch, sqrt):
     """Rows go through the codec CHUNK_ELEMENTS at a time (bounded temporaries): any chunking gives
     the one-pass codes, scales and decoded values bit for bit, and sqrt/square round-trip v."""
-    import registry.quant8 as q8
+    import slimtrain.registry.quant8 as q8
 
     x = torch.randn(37, 300, generator=torch.Generator().manual_seed(5)).abs() * 1e-4
     whole = quantize(x, signed=not sqrt, block_size=64, sqrt=sqrt)

@@ -3,7 +3,7 @@
 Compared against galore-torch 1.0 (``GaLoreAdamW``) and fira 1.0.2 (``FiraAdamW``) themselves, on
 the same gradients, with the exact-SVD refresh on both sides. The one thing the tests give the
 packages is the sign of each singular vector: LAPACK returns an arbitrary sign, slimtrain fixes it
-(largest-magnitude entry positive, ``registry.subspace.canonical_signs``), and Adam's moments
+(largest-magnitude entry positive, ``slimtrain.registry.subspace.canonical_signs``), and Adam's moments
 survive a refresh, so a sign that flips between two refreshes changes later steps. The packages'
 projectors get slimtrain's convention for their SVD; everything else is their code.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugins.galore.projected_adamw import ProjectedAdamW
-from registry.subspace import canonical_signs
+from slimtrain.plugins.galore.projected_adamw import ProjectedAdamW
+from slimtrain.registry.subspace import canonical_signs
 from tests.optim import reference_packages as ref
 
 STEPS = 12
@@ -115,10 +115,10 @@ def test_paper_convention_differs_from_the_package(canonical_reference_signs, me
 
 
 def test_unknown_convention_is_refused_naming_the_key():
-    from registry import ConfigError
+    from slimtrain.registry import ConfigError
 
-    from plugins.fira import FiraConfig
-    from plugins.galore import GaLoreConfig
+    from slimtrain.plugins.fira import FiraConfig
+    from slimtrain.plugins.galore import GaLoreConfig
 
     for cls, section in ((GaLoreConfig, "galore"), (FiraConfig, "fira")):
         with pytest.raises(ConfigError, match=rf"\[{section}\] convention = 'published'.*paper.*reference"):
@@ -127,9 +127,9 @@ def test_unknown_convention_is_refused_naming_the_key():
 
 @pytest.mark.parametrize("key,value", [("power_iters", -1), ("oversample", -2)])
 def test_negative_refresh_settings_are_refused_naming_the_key(key, value):
-    from registry import ConfigError
+    from slimtrain.registry import ConfigError
 
-    from plugins.galore import GaLoreConfig
+    from slimtrain.plugins.galore import GaLoreConfig
 
     with pytest.raises(ConfigError, match=rf"\[galore\] {key} = {value}"):
         GaLoreConfig(**{key: value})

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.sharded import RowShards
-from registry.subspace import canonical_signs, randomized_range, std_side, svd_projection
+from slimtrain.registry.sharded import RowShards
+from slimtrain.registry.subspace import canonical_signs, randomized_range, std_side, svd_projection
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8

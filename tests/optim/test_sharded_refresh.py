@@ -27,8 +27,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
-        from registry.sharded import RowShards
-        from registry.subspace import randomized_range, std_side
+        from slimtrain.registry.sharded import RowShards
+        from slimtrain.registry.subspace import randomized_range, std_side
 
         mesh = init_device_mesh("cpu", (world,))
         out = {}
@@ -54,8 +54,8 @@ def sharded(tmp_path_factory):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["tall", "wide"])
 def test_sharded_randomized_refresh_gathers_no_gradient_and_matches_unsharded(sharded, shape):
-    from registry.sharded import RowShards
-    from registry.subspace import randomized_range, std_side
+    from slimtrain.registry.sharded import RowShards
+    from slimtrain.registry.subspace import randomized_range, std_side
 
     single = randomized_range(RowShards(_gradient(shape)), RANK, std_side(shape), power_iters=POWER_ITERS, seed=3)
     m, n = shape

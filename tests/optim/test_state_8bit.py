@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from plugins.state_8bit import Quant8Codec, State8bitConfig, install_codec
-from registry import ConfigError, OptimizerHyper, compose
-from registry.quant8 import dequantize, max_gap, quantize
+from slimtrain.plugins.state_8bit import Quant8Codec, State8bitConfig, install_codec
+from slimtrain.registry import ConfigError, OptimizerHyper, compose
+from slimtrain.registry.quant8 import dequantize, max_gap, quantize
 
 HYPER = OptimizerHyper(lr=0.01, weight_decay=0.1)
 
@@ -48,7 +48,7 @@ def build(comp, model, codec=None):
 
 
 def run(opt, model, xs, comp=None):
-    from registry import StepContext
+    from slimtrain.registry import StepContext
 
     for x in xs:
         model(x).pow(2).mean().backward()

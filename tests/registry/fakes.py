@@ -8,9 +8,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from registry.update_rule import StateSpec, UpdateRule
+from slimtrain.registry.update_rule import StateSpec, UpdateRule
 
-from registry import (
+from slimtrain.registry import (
     DEFAULT_TARGETS,
     Capability,
     FactorizedParametrization,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from registry import CompositionError, ConfigError, OptimizerHyper, StepContext, compose
+from slimtrain.registry import CompositionError, ConfigError, OptimizerHyper, StepContext, compose
 from tests.registry import fakes
 
 
@@ -181,6 +181,6 @@ def test_galore_on_lora_factors_is_valid(fresh_registry):
 
 
 def test_wrapper_segments_do_not_change_names(fake_methods):
-    from registry.parametrization import canonical_name
+    from slimtrain.registry.parametrization import canonical_name
 
     assert canonical_name("layers.0._checkpoint_wrapped_module.attention._orig_mod.wq") == "layers.0.attention.wq"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import ConfigError, check_choice, check_range, parse_config
-from registry.config import config_defaults
+from slimtrain.registry import ConfigError, check_choice, check_range, parse_config
+from slimtrain.registry.config import config_defaults
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from registry.parametrization import (
+from slimtrain.registry.parametrization import (
     LinearParametrization,
     attach,
     capture_init,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from registry import CompositionError, compose, hookimpl
-from registry.manager import BUILTIN_PLUGINS, LOAD_PLUGINS_ENV
+from slimtrain.registry import CompositionError, compose, hookimpl
+from slimtrain.registry.manager import BUILTIN_PLUGINS, LOAD_PLUGINS_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "slimtrain-example-plugin"
@@ -41,7 +41,7 @@ def _run(code: str, site: Path | None, env_extra: dict[str, str] | None = None) 
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
 
 
-LIST = "from titan_integration.cli import main; main(['list', '--json'])"
+LIST = "from slimtrain.cli import main; main(['list', '--json'])"
 
 
 def _listed(proc) -> dict[str, dict]:
@@ -75,7 +75,7 @@ class _BadCapabilities:
 
 
 def _bad_methods():
-    from registry import Capability, Method
+    from slimtrain.registry import Capability, Method
 
     class NoHook(Method):
         name = "no_hook"
@@ -143,7 +143,7 @@ def test_environment_variable_restricts_third_party_plugins(example_site, value,
 def test_example_plugin_composes_and_sets_group_options(example_site):
     code = """
 import torch
-from registry import compose
+from slimtrain.registry import compose
 comp = compose(['decay_exempt'], {'decay_exempt': {'weight_decay': 0.0}})
 model = torch.nn.ModuleDict({'attention_norm': torch.nn.LayerNorm(4), 'wq': torch.nn.Linear(4, 4)})
 groups = comp.param_groups(model)
@@ -159,7 +159,7 @@ print(comp.method_names)
 
 
 def test_blocked_example_plugin_is_unknown_to_compose(example_site):
-    proc = _run("from registry import compose; compose(['decay_exempt'], {})", example_site, {LOAD_PLUGINS_ENV: ""})
+    proc = _run("from slimtrain.registry import compose; compose(['decay_exempt'], {})", example_site, {LOAD_PLUGINS_ENV: ""})
     assert proc.returncode != 0
     assert "unknown method 'decay_exempt'; installed methods: adamw" in proc.stderr
 
@@ -167,7 +167,7 @@ def test_blocked_example_plugin_is_unknown_to_compose(example_site):
 class _Dup:
     @hookimpl
     def register_methods(self, register):
-        from plugins.adamw import AdamW
+        from slimtrain.plugins.adamw import AdamW
 
         register(AdamW)
 
@@ -175,7 +175,7 @@ class _Dup:
 def test_duplicate_method_name_is_an_error(fresh_registry):
     fresh_registry.register_plugin(_Dup(), name="dup")
     try:
-        with pytest.raises(CompositionError, match="'adamw' is registered twice: by 'plugins.adamw' and 'dup'"):
+        with pytest.raises(CompositionError, match="'adamw' is registered twice: by 'slimtrain.plugins.adamw' and 'dup'"):
             fresh_registry.get_methods()
     finally:
         fresh_registry.unregister_plugin("dup")
@@ -194,7 +194,7 @@ def test_runtime_plugin_is_gone_after_unregister(fresh_registry):
 
 
 def test_slimtrain_list_text_shows_keys():
-    proc = subprocess.run([sys.executable, "-m", "titan_integration.cli", "list"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "slimtrain.cli", "list"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "adamw  (built-in)" in proc.stdout
     assert "capabilities: memory_estimate, optimizer" in proc.stdout
@@ -206,10 +206,10 @@ def test_every_module_in_plugins_is_a_method_plugin():
     import importlib
     import pkgutil
 
-    import plugins
-    from registry.manager import BUILTIN_PLUGINS
+    import slimtrain.plugins
+    from slimtrain.registry.manager import BUILTIN_PLUGINS
 
-    modules = {f"plugins.{m.name}" for m in pkgutil.iter_modules(plugins.__path__)}
+    modules = {f"slimtrain.plugins.{m.name}" for m in pkgutil.iter_modules(slimtrain.plugins.__path__)}
     assert modules == set(BUILTIN_PLUGINS), sorted(modules ^ set(BUILTIN_PLUGINS))
     for name in sorted(modules):
         assert hasattr(importlib.import_module(name), "register_methods"), f"{name} registers no method"

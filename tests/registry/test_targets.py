@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import ConfigError
-from registry.targets import DEFAULT_TARGETS, matches, probe_overlap, select_linears
+from slimtrain.registry import ConfigError
+from slimtrain.registry.targets import DEFAULT_TARGETS, matches, probe_overlap, select_linears
 from tests.registry.fakes import TinyModel
 
 

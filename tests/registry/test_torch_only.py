@@ -15,17 +15,17 @@ BLOCKER = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torchtitan", "titan_integration"):
+        if name.split(".")[0] == "torchtitan" or name.startswith("slimtrain.titan_integration"):
             raise ImportError(f"blocked in this test: {name}")
 sys.meta_path.insert(0, Block())
 """
 
 IMPORT_ALL = """
-import pkgutil, importlib, registry
-names = [m.name for m in pkgutil.iter_modules(registry.__path__, "registry.")]
+import pkgutil, importlib, slimtrain.registry
+names = [m.name for m in pkgutil.iter_modules(slimtrain.registry.__path__, "slimtrain.registry.")]
 for name in names:
     importlib.import_module(name)
-from registry import compose, get_methods, llama_dense_specs
+from slimtrain.registry import compose, get_methods, llama_dense_specs
 comp = compose(["galore"], {"galore": {"rank": 8}})
 est = comp.estimate_memory(llama_dense_specs(64, 172, 2, 128, 4))
 assert est.optimizer_state_elements > 0
@@ -43,7 +43,7 @@ def test_every_registry_module_imports_and_composes_without_torchtitan():
 
 
 def test_the_blocker_would_catch_a_torchtitan_import():
-    proc = run("import titan_integration.cli")
+    proc = run("import slimtrain.titan_integration.converter")
     assert proc.returncode != 0 and "blocked in this test" in proc.stderr
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from registry import Capability, Method, ParamSpec, check_range, hookimpl
+from slimtrain import Capability, Method, ParamSpec, check_range, hookimpl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class DecayExempt(Method):
     provides = frozenset({Capability.PARAM_GROUPS})
 
     def selects(self, spec: ParamSpec) -> bool:
-        from registry.targets import matches_any
+        from slimtrain import matches_any
 
         if not spec.trainable:
             return False

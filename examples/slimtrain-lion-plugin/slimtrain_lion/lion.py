@@ -19,8 +19,8 @@ import dataclasses
 
 import torch
 
-from registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_range, hookimpl
-from registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_range, hookimpl
+from slimtrain import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
 
 @dataclasses.dataclass(frozen=True)

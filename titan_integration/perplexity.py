@@ -3,7 +3,7 @@
 Why a subclass: torchtitan's ``Validator.__init__`` always builds its validation loader with
 ``build_text_validation_dataloader`` (HuggingFace datasets by name; the default ``c4_validation``
 would stream allenai/c4 from the internet). This one builds the loader through
-``titan_integration.data`` (the embedded corpus's validation split when ``[validation] dataset =
+``slimtrain.titan_integration.data`` (the embedded corpus's validation split when ``[validation] dataset =
 "slimtrain"``, torchtitan's loader otherwise) and reports perplexity = exp(mean token loss) next
 to the loss. Each validation starts the held-out split from its beginning. ``last`` keeps the latest result so the trainer can print a final summary.
 """
@@ -14,13 +14,13 @@ import logging
 import math
 from typing import Any
 
-from titan_integration import cpu_shim
+from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
 
 from torchtitan.components.validate import Validator  # noqa: E402
 
-from titan_integration import data  # noqa: E402
+from slimtrain.titan_integration import data  # noqa: E402
 
 log = logging.getLogger("slimtrain")
 

@@ -41,7 +41,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     path = recipe_path(name_or_path)
     raw = tomllib.loads(path.read_text())
     methods = list(raw.get("slimtrain", {}).get("methods", []))
-    from registry import get_methods
+    from slimtrain.registry import get_methods
 
     installed = get_methods()
     sections = {name: dict(raw[name]) for name in installed if name in raw and isinstance(raw[name], dict)}

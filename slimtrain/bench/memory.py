@@ -17,11 +17,11 @@ import argparse
 import json
 import sys
 
-from registry import compose, get_methods, llama_dense_specs
-from registry.config import config_defaults
+from slimtrain.registry import compose, get_methods, llama_dense_specs
+from slimtrain.registry.config import config_defaults
 
-from titan_integration.bench.recipes import available_recipes, load_recipe
-from titan_integration.flavors import PAPER_SHAPES, PAPER_VOCAB, paper_settings
+from slimtrain.bench.recipes import available_recipes, load_recipe
+from slimtrain.titan_integration.flavors import PAPER_SHAPES, PAPER_VOCAB, paper_settings
 
 DEFAULT_RECIPES = "full_rank,galore,fira,low_rank,lora,relora,sltrain,sltrain_restarts"
 
@@ -105,8 +105,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def device_row(recipe_name: str, flavor: str, *, batch: int, seq_len: int, ac: str, rank: int | None = None) -> dict:
-    """What a GPU holds for one recipe (registry.activation_memory), in GB (1e9 B)."""
-    from registry.activation_memory import device_memory
+    """What a GPU holds for one recipe (slimtrain.registry.device_memory), in GB (1e9 B)."""
+    from slimtrain.registry.device_memory import device_memory
 
     shape = PAPER_SHAPES[flavor]
     recipe, comp, _, from_toml = recipe_composition(recipe_name, flavor, rank)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows, indent=2))
         else:
             print(f"GPU memory, LLaMA-{args.flavor}, batch {args.batch} x {args.seq_len} tokens, activation "
-                  f"checkpointing {args.ac} (bf16; GB = 1e9 B; registry/activation_memory.py)")
+                  f"checkpointing {args.ac} (bf16; GB = 1e9 B; registry/device_memory.py)")
             print(format_device_table(rows))
             print("activations: what backward keeps at the end of the forward; sum: w+g+o+i + activations; peak: the "
                   "largest modelled moment of a step (loss, a block's backward, a step with its workspace), its phase "

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 
 try:  # the project's rule: the CPU shim runs before torchtitan is first imported
-    from titan_integration import cpu_shim
+    from slimtrain.titan_integration import cpu_shim
 except ImportError:  # pragma: no cover - shim not present in this checkout
     cpu_shim = None
 if cpu_shim is not None:
@@ -45,10 +45,10 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 from torchtitan.hf_datasets import text_datasets as _titan_text
 
-from .manifest import read_manifest
-from .prepare import ensure_corpus, vocab_dir_name
-from .sources import sha256_file
-from .tokenizer import TOKENIZER_FILE
+from slimtrain.corpus.manifest import read_manifest
+from slimtrain.corpus.prepare import ensure_corpus, vocab_dir_name
+from slimtrain.corpus.sources import sha256_file
+from slimtrain.corpus.tokenizer import TOKENIZER_FILE
 
 log = logging.getLogger("slimtrain.corpus")
 

@@ -12,15 +12,15 @@ import importlib
 import json
 import sys
 
-from registry.config import config_defaults, config_types
+from slimtrain.registry.config import config_defaults, config_types
 
 # subcommand -> "module:function" taking argv (list[str]) and returning an exit code (imported
 # only when the subcommand runs).
 DELEGATED = {
-    "prepare-data": ("titan_integration.corpus.cli:main", "build the embedded default corpus and tokenizer"),
-    "bench": ("titan_integration.bench.cli:main", "run recipes side by side and write tables and plots"),
-    "memory": ("titan_integration.bench.memory:main", "print the analytic memory table of recipes"),
-    "gpu-check": ("titan_integration.gpu_check:main", "measure every GPU goal in one prepared run (<= 9 min)"),
+    "prepare-data": ("slimtrain.corpus.cli:main", "build the embedded default corpus and tokenizer"),
+    "bench": ("slimtrain.bench.cli:main", "run recipes side by side and write tables and plots"),
+    "memory": ("slimtrain.bench.memory:main", "print the analytic memory table of recipes"),
+    "gpu-check": ("slimtrain.gpu_check:main", "measure every GPU goal in one prepared run (<= 9 min)"),
 }
 
 
@@ -33,7 +33,7 @@ def _type_name(t) -> str:
 
 
 def list_methods(as_json: bool = False) -> str:
-    from registry.manager import get_methods
+    from slimtrain.registry.manager import get_methods
 
     rows = []
     for name, info in get_methods().items():

@@ -15,8 +15,8 @@ import platform
 import sys
 from pathlib import Path
 
-from titan_integration.bench import report, runner
-from titan_integration.bench.recipes import available_recipes, load_recipe
+from slimtrain.bench import report, runner
+from slimtrain.bench.recipes import available_recipes, load_recipe
 
 DEFAULT_RECIPES = "full_rank,galore,fira,low_rank,lora,relora,sltrain,sltrain_restarts"
 
@@ -35,9 +35,9 @@ def _device() -> str:
 def method_overrides(recipe_name: str, flavor: str, rank: int | None) -> dict[str, dict]:
     """Per-method settings for a run at ``flavor``: the flavor's rank (or ``rank``) for every
     method that has one, and the papers' size-dependent settings (SLTrain alpha, Fira scale)."""
-    from registry import get_methods
-    from registry.config import config_defaults
-    from titan_integration.flavors import paper_settings
+    from slimtrain.registry import get_methods
+    from slimtrain.registry.config import config_defaults
+    from slimtrain.titan_integration.flavors import paper_settings
 
     installed = get_methods()
     methods = load_recipe(recipe_name).methods
@@ -51,9 +51,9 @@ def method_overrides(recipe_name: str, flavor: str, rank: int | None) -> dict[st
 
 def _analytic(recipe_name: str, flavor: str, seq_len: int, overrides: dict[str, dict]) -> tuple[float, float]:
     """(weights + optimizer GiB at 4 bytes/element as trained on CPU/fp32 params, FLOPs per token)."""
-    from registry import compose, llama_dense_specs
-    from registry.memory import training_flops_per_token
-    from titan_integration.flavors import FLAVORS, ffn_hidden_dim
+    from slimtrain.registry import compose, llama_dense_specs
+    from slimtrain.registry.memory import training_flops_per_token
+    from slimtrain.titan_integration.flavors import FLAVORS, ffn_hidden_dim
 
     args = FLAVORS[flavor]
     recipe = load_recipe(recipe_name)

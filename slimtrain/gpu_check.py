@@ -20,7 +20,7 @@ cleanly when its time is up (default 9 minutes of wall time):
 The training steps are one torchrun launch each of ``titan_integration/run_plan.py`` (torch and
 torchtitan imported once, dynamo reset between runs, inductor's cache shared: the recipes with the
 same model graph compile once), with exactly the arguments ``slimtrain bench`` would give each run
-(titan_integration/bench/runner.py), and its metrics read the same way. After every step it rewrites
+(slimtrain/bench/runner.py), and its metrics read the same way. After every step it rewrites
 ``<out>/gpu_check_<date>.md`` and ``.json`` with what has finished, so a run cut short keeps every
 finished measurement (a cut training step keeps its finished runs). ``--dry-run`` prints the commands;
 ``--cpu-smoke`` runs the whole sequence on CPU at the nano flavor and small shapes (the test suite
@@ -87,12 +87,12 @@ class Step:
 def _train_step(name: str, goal: str, cap_s: float, recipes, flavor: str, steps: int, batch: int, seq: int,
                 out: Path, extra: tuple[str, ...], rank: int | None, val_steps: int = 1) -> Step:
     """A training step: the runs ``slimtrain bench`` would start, in one run_plan launch."""
-    from titan_integration.bench import runner
+    from slimtrain.bench import runner
 
     runs = [runner.RunSpec(r, None, flavor, steps, 1, batch, seq, out, max(1, steps // 2), val_steps, extra,
                            _flavor_settings(r, flavor, rank)) for r in recipes]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               "-m", "titan_integration.run_plan", str(out / "plan.json")]
+               "-m", "slimtrain.titan_integration.run_plan", str(out / "plan.json")]
     return Step(name, goal, command, cap_s, runs=runs)
 
 
@@ -101,7 +101,7 @@ def _flavor_settings(recipe: str, flavor: str, rank: int | None) -> dict[str, di
     They need torchtitan (the flavors); a --dry-run on a machine without it prints the runs without
     them (the run itself, after the wheels are installed, has them)."""
     try:
-        from titan_integration.bench.cli import method_overrides
+        from slimtrain.bench.cli import method_overrides
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("torchtitan"):
             return {}
@@ -116,7 +116,7 @@ def _run_args(spec) -> list[str]:
 
 def plan(out: Path, smoke: bool) -> list[Step]:
     py = sys.executable
-    cli = [py, "-m", "titan_integration.cli"]
+    cli = [py, "-m", "slimtrain.cli"]
     if smoke:
         flavor60, flavor1b, flavor7b, steps, batch, seq, rank = "nano", "nano", "nano", 3, 2, 32, 8
         recipes60, speed = ["sltrain_restarts", "galore"], ["galore", "apollo_mini"]  # the smoke checks the script
@@ -154,7 +154,7 @@ def plan(out: Path, smoke: bool) -> list[Step]:
         Step("layers_bf16", "parametrized layers vs dense Linear in bf16 (goal: low-rank, SLTrain no slower)",
              [py, str(ROOT / "benchmarks/parametrized_layers.py"), *layers, "--out", str(out / "parametrized_layers.md")],
              120),
-        Step("memory_7b_model", "7b single-GPU recipe: the analytic GPU memory model (registry/activation_memory.py)",
+        Step("memory_7b_model", "7b single-GPU recipe: the analytic GPU memory model (registry/device_memory.py)",
              [*cli, "memory", *memory], 60),
         measured_7b,
     ]
@@ -210,7 +210,7 @@ def summarize(step: Step) -> list[dict]:
     """One row per run of a training step: what its metrics log and run_plan's results say."""
     if not step.runs:
         return []
-    from titan_integration.bench import runner
+    from slimtrain.bench import runner
 
     results_file = step.plan_file.with_name("results.json")
     launched = {r["name"]: r for r in json.loads(results_file.read_text())} if results_file.exists() else {}

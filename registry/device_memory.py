@@ -49,7 +49,7 @@ Step workspace (what a rule's step allocates and frees; measured op by op with M
   (elements) itself;
 * with ``state_8bit``, the composed optimizer decodes every quantized moment of the group before
   the rule runs (``bytes_per_element`` each, kept through the step) and encodes them one at a time
-  after it; ``registry.quant8`` works through a moment ``CHUNK_ELEMENTS`` (4M) at a time, whole rows,
+  after it; ``slimtrain.registry.quant8`` works through a moment ``CHUNK_ELEMENTS`` (4M) at a time, whole rows,
   and holds the new uint8 codes (1n) and fp32 scales, plus one chunk's temporaries of c elements:
   the normalized fp32 blocks, their absolute values, the uint8 codes, the int64 lower codes and the
   gathered midpoints (21c), the fp32 copy being encoded (``sqrt(v)`` for second moments, or the fp32
@@ -73,7 +73,7 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
-from registry.method import ParamSpec
+from slimtrain.registry.method import ParamSpec
 
 AC_MODES = ("none", "selective", "full")
 DEVICES = ("cuda", "cpu")
@@ -82,7 +82,7 @@ PER_LAYER = "per_layer_updates"
 DEFAULT_OPTIMIZER = "adamw"
 OUTPUT = "output.weight"
 EMBEDDING = "tok_embeddings.weight"
-#: bytes per element of one chunk ``registry.quant8`` holds while encoding (module docstring)
+#: bytes per element of one chunk ``slimtrain.registry.quant8`` holds while encoding (module docstring)
 ENCODE_BYTES = 21
 ENCODE_COPY_BYTES = 4
 #: ... and while decoding: the int64 code indices and the gathered fp32 values
@@ -180,11 +180,11 @@ def _rule_temporaries(rule, group: list[ParamSpec]) -> int:
 
 
 def codec_transient_bytes(decl, block: int, bytes_per_element: int) -> int:
-    """Bytes ``registry.quant8`` holds at once encoding or decoding one moment (module docstring).
+    """Bytes ``slimtrain.registry.quant8`` holds at once encoding or decoding one moment (module docstring).
     It works ``CHUNK_ELEMENTS`` at a time (whole rows), so beyond the new codes and scales only one
     chunk's temporaries are alive; rows are zero-padded to whole blocks, so a moment whose last
     dimension is much smaller than the block (APOLLO-Mini's m x 1 moments) costs its padded size."""
-    from registry.quant8 import CHUNK_ELEMENTS, n_blocks
+    from slimtrain.registry.quant8 import CHUNK_ELEMENTS, n_blocks
 
     n, last = decl.numel, decl.shape[-1]
     rows = n // last
@@ -345,7 +345,7 @@ def device_memory(
     batch: int, seq_len: int, ac: str = "none", bytes_per_element: int = 2, act_bytes: int | None = None,
     kv_heads: int | None = None, device: str = "cuda",
 ) -> DeviceMemory:
-    from registry.memory import transformed_specs
+    from slimtrain.registry.memory import transformed_specs
 
     if ac not in AC_MODES:
         raise ValueError(f"activation checkpointing = {ac!r}; allowed: {', '.join(AC_MODES)}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from registry import ConfigError
+from slimtrain.registry import ConfigError
 
 AC_MODES = ("none", "selective", "full")
 _BF16_KEYS = ("mixed_precision_param", "mixed_precision_reduce", "dtype")
@@ -108,7 +108,7 @@ def check_bf16(training: Any, device_type: str) -> None:
 
 def device_type() -> str:
     """The device the run will use: "cpu" under the CPU shim, else torch's accelerator type."""
-    from titan_integration import cpu_shim
+    from slimtrain.titan_integration import cpu_shim
 
     if cpu_shim.is_active():
         return "cpu"

@@ -1,7 +1,7 @@
 """``slimtrain prepare-data``: build the embedded default corpus and tokenizer.
 
 The ``slimtrain`` console script dispatches ``slimtrain prepare-data ...`` to
-:func:`main`; ``python -m titan_integration.corpus`` runs it too.
+:func:`main`; ``python -m slimtrain.corpus`` runs it too.
 """
 
 from __future__ import annotations

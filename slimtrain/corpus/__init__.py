@@ -3,7 +3,7 @@
 Real English text from packages the registries carry, cleaned, split, tokenized with
 a locally trained byte-level BPE and pre-tokenized for a fast torchtitan loader.
 
-Only :mod:`.dataset` imports torchtitan; everything importable from here does not.
+No torchtitan here: its loaders over this corpus are slimtrain.titan_integration.corpus_dataset.
 """
 
 from .prepare import (
