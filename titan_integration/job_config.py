@@ -72,6 +72,18 @@ class Slimtrain:
     """If set, rank 0 appends one JSON line per step ({"step", "loss"}, the exact global loss) and
     per validation ({"step", "val_loss", "val_perplexity"}) to this file (resume checks, plots)."""
 
+    checkpoint_on_damage: str = "stop"
+    """When a checkpoint file does not match the checksum recorded at save (a flipped byte, a
+    truncated file): "stop" (the run stops naming the file) or "fallback" (resume from the previous
+    intact checkpoint). A checkpoint without its checksum file (a save that did not finish) is
+    always skipped with a warning."""
+
+    resume_weights_only: bool = False
+    """Resume from a checkpoint written by another recipe (methods, their settings, flavor or
+    optimizer): load only the model weights whose names and shapes match, start at step 1 with a
+    new optimizer, and list what is dropped. Without it such a resume is refused, listing the
+    differences."""
+
 
 def register_cli_rules() -> None:
     """Let every ``tuple[str, ...]`` key (``[slimtrain] methods``, methods' ``targets`` and

@@ -35,7 +35,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
-from slimtrain.titan_integration import context, data, memory, preflight, safe_checkpoint, spec  # noqa: E402
+from slimtrain.titan_integration import (  # noqa: E402
+    checkpoint_guard,
+    checkpoint_recipe,
+    context,
+    data,
+    memory,
+    preflight,
+    safe_checkpoint,
+    spec,
+)
 from slimtrain.titan_integration.converter import CONVERTER_NAME  # noqa: E402
 from slimtrain.titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
 from slimtrain.titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
@@ -99,6 +108,10 @@ class SlimTrainer(Trainer):
         super().__init__(job_config)
         self.optimizers.register_step_pre_hook(self._check_finite_before_update)
         self._checkpoint_rng_state()
+        if self.checkpointer.enable:
+            recipe = checkpoint_recipe.recipe_of(job_config.model.flavor, composition)
+            checkpoint_guard.install(self.checkpointer, recipe, job_config.slimtrain.checkpoint_on_damage,
+                                     job_config.slimtrain.resume_weights_only)
         if job_config.validation.enable and hasattr(self.validator, "on_result"):
             self.validator.on_result = lambda r: self._record(
                 {"step": r["step"], "val_loss": r["loss"], "val_perplexity": r["perplexity"]}
