@@ -65,6 +65,11 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint file asked for a global outside the allowlist."""
 
 
+class DamagedCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file cannot be unpickled (truncated, a flipped byte): named, instead of the bare
+    EOFError / MemoryError / UnpicklingError pickle raises."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves only the (module, name) pairs of ``allowed``.
 
@@ -76,6 +81,18 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self._allowed = allowed
         self._source = source
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        except UnsafeCheckpointError:
+            raise
+        except (EOFError, MemoryError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
+                KeyError, AttributeError, OverflowError, UnicodeDecodeError) as exc:
+            where = self._source or "a checkpoint file"
+            raise DamagedCheckpointError(
+                f"{where} is damaged or truncated and cannot be read ({type(exc).__name__}: {exc})"[:2000]
+            ) from None
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:

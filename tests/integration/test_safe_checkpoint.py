@@ -180,3 +180,23 @@ def test_metadata_naming_a_storage_file_outside_its_folder_is_refused(tmp_path):
     (folder / ".metadata").write_bytes(pickle.dumps(meta))
     with pytest.raises(safe_checkpoint.UnsafeCheckpointError, match="outside its folder"):
         FileSystemReader(str(folder)).read_metadata()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_metadata_file_is_named_not_eof_or_memory_error(tmp_path, damage):
+    """Without a checksum file (e.g. --checkpoint.initial_load_path), a damaged .metadata still
+    names the file instead of a bare EOFError/MemoryError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    safe_checkpoint.install()
+    folder = tmp_path / "ck"
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=str(folder), no_dist=True)
+    raw = bytearray((folder / ".metadata").read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:  # the frame length of the first FRAME opcode: pickle would try to allocate ~2**63 bytes
+        raw[3:11] = b"\xff" * 7 + b"\x7f"
+    (folder / ".metadata").write_bytes(bytes(raw))
+    with pytest.raises(safe_checkpoint.DamagedCheckpointError, match=r"\.metadata is damaged or truncated"):
+        FileSystemReader(str(folder)).read_metadata()
