@@ -79,7 +79,9 @@ def _row(result: runner.RunResult, est_gib: float, flops_per_token: float) -> di
         "run": spec.name,
         "recipe": spec.recipe,
         "lr": spec.lr if spec.lr is not None else load_recipe(spec.recipe).raw.get("optimizer", {}).get("lr", math.nan),
-        "status": "ok" if result.ok else "failed",
+        "status": "ok" if result.ok else ("timeout" if result.ended.startswith("timed out")
+                                           else "interrupted" if result.ended.startswith("interrupted") else "failed"),
+        "ended": result.ended,
         "val_perplexity": result.val_perplexity,
         "val_loss": result.val_loss,
         "final_train_loss": result.final_loss,
@@ -131,9 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         for lr in lrs
     ]
     rows, curves = [], {}
+    interrupted = False
     for i, spec in enumerate(specs, 1):
         print(f"[bench {i}/{len(specs)}] {spec.name}: {args.steps} steps of {spec.tokens_per_step} tokens ...", flush=True)
-        result = runner.run(spec, timeout_s=args.timeout)
+        try:
+            result = runner.run(spec, timeout_s=args.timeout)
+        except runner.BenchInterrupted as stop:
+            print(f"[bench {i}/{len(specs)}] {spec.name}: {stop.result.ended}; writing the tables of the "
+                  f"{len(rows)} run(s) that ended before", file=sys.stderr, flush=True)
+            interrupted = True
+            break
         try:
             est_gib, flops = _analytic(spec.recipe, args.flavor, args.seq_len, spec.overrides)
         except Exception as exc:  # an estimate must not sink the sweep
@@ -142,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         row = _row(result, est_gib, flops)
         rows.append(row)
         curves[spec.name] = row["val_curve"]
-        state = f"ok: val ppl {row['val_perplexity']:.2f}, loss {row['final_train_loss']:.3f}" if result.ok else f"FAILED: {result.error}"
+        state = (f"ok: val ppl {row['val_perplexity']:.2f}, loss {row['final_train_loss']:.3f}" if result.ok
+                 else f"{row['status'].upper()}: {result.error}")
         print(f"[bench {i}/{len(specs)}] {spec.name} {state} ({result.wall_s:.0f} s; log {spec.folder / 'train.log'})", flush=True)
 
+    if not rows:
+        print("slimtrain bench: interrupted before any run ended; no table written", file=sys.stderr)
+        return 130
     header = (
         f"# slimtrain bench: {', '.join(recipes)} at flavor {args.flavor}\n\n"
         f"{datetime.date.today().isoformat()}, {_device()}, {args.nproc} process(es), {args.steps} steps x "
@@ -155,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = report.write_plots(rows, curves, out)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in [*paths.values(), *plots]))
+    if interrupted:
+        return 130
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
