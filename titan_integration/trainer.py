@@ -27,6 +27,7 @@ import math
 import os
 import time
 
+from slimtrain.registry import ConfigError
 from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
@@ -62,23 +63,23 @@ class NonFiniteLossError(RuntimeError):
 def prepare_job_config(job_config) -> None:
     """Defaults slimtrain needs, applied to the parsed config before the Trainer sees it."""
     if job_config.model.name != spec.TRAIN_SPEC_NAME:
-        raise ValueError(
+        raise ConfigError(
             f"[model] name = {job_config.model.name!r}: slimtrain's trainer needs "
             f"name = {spec.TRAIN_SPEC_NAME!r} (its flavors: {', '.join(FLAVORS)})"
         )
     if job_config.model.flavor not in FLAVORS:
-        raise ValueError(
+        raise ConfigError(
             f"[model] flavor = {job_config.model.flavor!r} is unknown; flavors: {', '.join(FLAVORS)}"
         )
     if CONVERTER_NAME not in job_config.model.converters:
-        raise ValueError(
+        raise ConfigError(
             f"[model] converters = {list(job_config.model.converters)!r} lacks {CONVERTER_NAME!r}: start "
             f"runs with titan_integration/train.py, which adds it (and slimtrain's other defaults)"
         )
     frac = job_config.slimtrain.warmup_fraction
     if frac >= 0:
         if frac > 1:
-            raise ValueError(f"[slimtrain] warmup_fraction = {frac} must be in [0, 1]")
+            raise ConfigError(f"[slimtrain] warmup_fraction = {frac}: allowed: a number in [0, 1] (or < 0: off)")
         total = job_config.lr_scheduler.total_steps or job_config.training.steps
         job_config.lr_scheduler.warmup_steps = int(round(frac * total))
     if cpu_shim.is_active() and not job_config.slimtrain.cpu_mixed_precision:
