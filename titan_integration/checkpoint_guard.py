@@ -29,6 +29,7 @@ import re
 
 import torch.distributed as dist
 
+from slimtrain.disk_space import free_space, write_failed_message
 from slimtrain.registry import SlimtrainError
 from slimtrain.titan_integration import checkpoint_integrity as integrity
 from slimtrain.titan_integration import checkpoint_recipe
@@ -62,6 +63,24 @@ def _steps(folder: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, its cause/context, or one of DCP's per-rank failures."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for failure in failures.values():  # (exception, traceback) per rank
+                todo += [x for x in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(x, BaseException)]
+    return None
+
+
 def install(ck, recipe: dict, on_damage: str = "stop", weights_only: bool = False) -> None:
     """Wrap ``ck.dcp_save`` and ``ck.load`` of a torchtitan CheckpointManager (see module doc)."""
     if on_damage not in ON_DAMAGE:
@@ -75,7 +94,7 @@ def install(ck, recipe: dict, on_damage: str = "stop", weights_only: bool = Fals
             checkpoint_recipe.write_recipe(checkpoint_id, recipe)
         except OSError as exc:
             raise integrity.CheckpointSaveError(
-                exc.errno, f"checkpoint not saved: {integrity.disk_full_message(checkpoint_id, exc)}") from None
+                f"checkpoint not saved: {write_failed_message(checkpoint_id, exc)}") from None
         integrity.write_checksums(checkpoint_id)
 
     def dcp_save(state_dict, checkpoint_id, *args, **kwargs):
@@ -83,10 +102,15 @@ def install(ck, recipe: dict, on_damage: str = "stop", weights_only: bool = Fals
             integrity.remove_checksums(checkpoint_id)
         try:
             ret = original_save(state_dict, checkpoint_id, *args, **kwargs)
-        except OSError as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP raises CheckpointException (a BaseException) for rank failures
+            os_error = _os_error_in(exc)
+            reason = (write_failed_message(checkpoint_id, os_error) if os_error is not None
+                      else f"{type(exc).__name__}: {str(exc)[:500]} ({free_space(checkpoint_id)})")
             raise integrity.CheckpointSaveError(
-                exc.errno, f"checkpoint of {checkpoint_id} not saved: {integrity.disk_full_message(checkpoint_id, exc)}; "
-                f"the folder has no {integrity.CHECKSUM_FILE}, so a resume skips it") from None
+                f"checkpoint of {checkpoint_id} not saved: {reason}; the folder "
+                f"has no {integrity.CHECKSUM_FILE}, so a resume skips it") from exc
         future = getattr(ret, "upload_completion", ret)  # async saves: when the files are written
         if future is not None and hasattr(future, "add_done_callback"):
             future.add_done_callback(lambda f: f.exception() is None and finish(checkpoint_id))

@@ -19,11 +19,11 @@ Plain Python (no torch, no torchtitan), so it is testable on its own.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import shutil
+
+from slimtrain.disk_space import write_failed_message
 
 CHECKSUM_FILE = "slimtrain_checksums.json"
 FORMAT = 1
@@ -52,22 +52,6 @@ def _files(folder: str) -> list[str]:
             if not rel.startswith(CHECKSUM_FILE):
                 out.append(rel)
     return sorted(out)
-
-
-def free_space(path: str) -> str:
-    """The free space of the file system holding ``path`` (for disk-full messages)."""
-    probe = path
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    try:
-        return f"{shutil.disk_usage(probe or '.').free / 2**20:.1f} MiB free"
-    except OSError:
-        return "free space unknown"
-
-
-def disk_full_message(path: str, exc: OSError) -> str:
-    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    return f"{reason} while writing {path} ({free_space(path)})"
 
 
 def remove_checksums(folder: str) -> None:
@@ -100,7 +84,7 @@ def write_checksums(folder: str) -> str:
             os.remove(tmp)
         except OSError:
             pass
-        raise CheckpointSaveError(exc.errno, f"checkpoint not saved: {disk_full_message(path, exc)}") from None
+        raise CheckpointSaveError(f"checkpoint not saved: {write_failed_message(path, exc)}") from None
     return path
 
 

@@ -43,9 +43,16 @@ def recipe_of(flavor: str, composition) -> dict:
 def write_recipe(folder: str, recipe: dict) -> None:
     path = os.path.join(folder, RECIPE_FILE)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(recipe, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(recipe, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def read_recipe(folder: str) -> dict | None:

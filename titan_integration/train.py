@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     except ArgumentError as exc:
         _config_error_exit(exc)
     except Exception as exc:
+        from slimtrain.corpus.prepare import CorpusError
         from slimtrain.registry import SlimtrainError
 
-        if isinstance(exc, SlimtrainError):
+        if isinstance(exc, (SlimtrainError, CorpusError)):  # worded errors of settings or data
             _config_error_exit(exc)
         raise
 

@@ -124,3 +124,48 @@ def test_recipe_differences_list_every_change():
         "optimizer method: 'adamw' in the checkpoint, 'galore' now",
     ]
     assert "records no recipe" in checkpoint_recipe.differences(None, now)[0]
+
+
+def _guarded_checkpointer(folder):
+    """The two methods checkpoint_guard wraps, over plain DCP (no trainer needed)."""
+    import types
+
+    import torch.distributed.checkpoint as dcp
+
+    from slimtrain.titan_integration import checkpoint_guard
+
+    ck = types.SimpleNamespace(enable=True, folder=str(folder))
+    ck.dcp_save = lambda state, checkpoint_id, *a, **k: dcp.save(state, checkpoint_id=checkpoint_id, no_dist=True)
+    ck.loaded = []
+    ck.load = lambda step=-1: ck.loaded.append(step) or True
+    ck._create_checkpoint_id = lambda step: str(folder / f"step-{step}")
+    recipe = {"flavor": "nano", "methods": ["adamw"], "settings": {}, "optimizer": "adamw"}
+    checkpoint_guard.install(ck, recipe)
+    return ck
+
+
+@pytest.mark.parametrize("where", ["data", "checksums"])
+def test_disk_full_during_a_save_names_the_path_and_leaves_no_checkpoint(tmp_path, monkeypatch, where):
+    import errno
+
+    import torch
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ck = _guarded_checkpointer(tmp_path)
+    ck.dcp_save({"w": torch.ones(4)}, str(tmp_path / "step-1"))  # a good one first
+    assert integrity.verify(str(tmp_path / "step-1")) is None
+    if where == "data":
+        monkeypatch.setattr(dcp_fs, "_write_item", full)
+    else:
+        monkeypatch.setattr(integrity.json, "dump", full)
+    with pytest.raises(integrity.CheckpointSaveError) as info:
+        ck.dcp_save({"w": torch.ones(4)}, str(tmp_path / "step-2"))
+    message = str(info.value)
+    assert "disk full while writing" in message and "step-2" in message and "MiB free there" in message, message
+    assert integrity.verify(str(tmp_path / "step-2")) == integrity.MISSING  # never taken for a checkpoint
+    assert not list((tmp_path / "step-2").glob("*.tmp*"))
+    monkeypatch.undo()
+    assert ck.load() is True and ck.loaded == [1]  # the resume skips step-2 and loads step-1
