@@ -340,6 +340,10 @@ def _build_vocab(data_dir: Path, text_manifest: dict[str, Any], settings: Corpus
 
 
 # ---------------------------------------------------------------------- public
+MIN_VOCAB_SIZE = 256 + len(tkn.SPECIAL_TOKENS)  # every byte, plus the special tokens
+
+
+
 def prepare_corpus(data_dir: str | os.PathLike | None = None,
                    vocab_size: int = DEFAULT_VOCAB_SIZE, force: bool = False,
                    sources: Sequence[Source] | None = None,
@@ -351,7 +355,7 @@ def prepare_corpus(data_dir: str | os.PathLike | None = None,
     built.
     """
     t_start = time.perf_counter()
-    min_vocab = 256 + len(tkn.SPECIAL_TOKENS)
+    min_vocab = MIN_VOCAB_SIZE
     if vocab_size < min_vocab:
         raise ValueError(f"vocab size must be at least {min_vocab} (256 bytes + "
                          f"{len(tkn.SPECIAL_TOKENS)} special tokens), got {vocab_size}")

@@ -176,8 +176,10 @@ def test_ensure_corpus_uses_env_dir(small_corpus, monkeypatch):
 def test_cli_rejects_too_small_vocab_before_fetching(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "default_sources",
                         lambda: pytest.fail("must not fetch for an invalid vocab size"))
-    assert cli.main(["--data-dir", str(tmp_path), "--vocab-size", "100"]) == 1
-    assert "vocab size must be at least 258" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse's usage error, before anything runs
+        cli.main(["--data-dir", str(tmp_path), "--vocab-size", "100"])
+    assert info.value.code == 2
+    assert "argument --vocab-size: 100: allowed: an integer >= 258" in capsys.readouterr().err
 
 
 def test_disk_full_names_the_path_and_free_space_and_keeps_nothing_half_written(tmp_path, monkeypatch):
