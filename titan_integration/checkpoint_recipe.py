@@ -63,6 +63,11 @@ def read_recipe(folder: str) -> dict | None:
         return None
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON (so a NaN setting equals itself)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def differences(saved: dict | None, current: dict) -> list[str]:
     """One line per difference between the checkpoint's recipe ``saved`` and this run's."""
     if saved is None:
@@ -78,7 +83,7 @@ def differences(saved: dict | None, current: dict) -> list[str]:
             continue
         old, new = old_settings[name], new_settings.get(name, {})
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
+            if not _same(old.get(key), new.get(key)):
                 out.append(f"[{name}] {key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     for name in saved.get("methods") or []:
         if name not in current["methods"]:

@@ -169,3 +169,8 @@ def test_disk_full_during_a_save_names_the_path_and_leaves_no_checkpoint(tmp_pat
     assert not list((tmp_path / "step-2").glob("*.tmp*"))
     monkeypatch.undo()
     assert ck.load() is True and ck.loaded == [1]  # the resume skips step-2 and loads step-1
+
+
+def test_a_nan_setting_equals_itself():
+    rec = {"flavor": "nano", "methods": ["m"], "optimizer": "adamw", "settings": {"m": {"x": float("nan")}}}
+    assert checkpoint_recipe.differences(json.loads(json.dumps(rec)), rec) == []
