@@ -10,7 +10,11 @@ import shutil
 import pytest
 
 from slimtrain.titan_integration import checkpoint_integrity as integrity
-from slimtrain.titan_integration import checkpoint_recipe
+from slimtrain.titan_integration import checkpoint_recipe, cpu_shim
+
+cpu_shim.apply()
+
+from slimtrain.titan_integration import safe_checkpoint  # noqa: E402
 
 from .helpers import offline_args, read_log, run_many
 
@@ -35,6 +39,8 @@ def test_damage_interrupted_saves_and_recipe_changes_on_resume(offline_assets, t
         saved = checkpoint_recipe.read_recipe(str(ck / f"step-{step}"))
         assert saved["methods"] == ["sltrain", "adamw"] and saved["settings"]["sltrain"]["rank"] == 8
         assert saved["flavor"] == "nano"
+    # every global a fresh torchtitan checkpoint's .metadata references is on the exact allowlist
+    assert _metadata_globals(ck / "step-2") <= safe_checkpoint.METADATA_GLOBALS
     # a save interrupted before its checksums (newest), and one flipped byte in step 2's data
     shutil.copytree(ck / "step-2", ck / "step-3")
     (ck / "step-3" / integrity.CHECKSUM_FILE).unlink()
@@ -79,6 +85,24 @@ def test_damage_interrupted_saves_and_recipe_changes_on_resume(offline_assets, t
 
     assert second["weights_only"]["ok"], second["weights_only"]["error"]
     assert "DROPPED from the checkpoint" in log and "original2" in log.split("DROPPED from the checkpoint")[1][:3000]
+
+
+def _metadata_globals(folder) -> set[tuple[str, str]]:
+    """The globals ``.metadata`` references, recorded by an unpickler that resolves everything
+    (the file is one this test's own run just wrote)."""
+    import io
+    import pickle
+
+    seen = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    Recorder(io.BytesIO((folder / ".metadata").read_bytes())).load()
+    assert ("torch.distributed.checkpoint.metadata", "Metadata") in seen
+    return seen
 
 
 def test_verify_names_truncated_flipped_and_missing_files(tmp_path):
