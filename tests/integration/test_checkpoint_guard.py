@@ -28,11 +28,10 @@ def test_damage_interrupted_saves_and_recipe_changes_on_resume(offline_assets, t
     a, b = tmp_path / "a", tmp_path / "b"
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
-    first = run_many(1, [
-        {"name": name, "args": [*base, "--training.steps", "2", "--job.dump_folder", str(folder)]}
-        for name, folder in (("a", a), ("b", b))
-    ], tmp_path / "first")
-    assert all(r["ok"] for r in first.values()), first
+    first = run_many(1, [{"name": "a", "args": [*base, "--training.steps", "2", "--job.dump_folder", str(a)]}],
+                     tmp_path / "first")
+    assert first["a"]["ok"], first
+    shutil.copytree(a, b)  # an intact copy for the recipe checks
     ck = a / "checkpoint"
     for step in (1, 2):
         assert integrity.verify(str(ck / f"step-{step}")) is None
@@ -57,8 +56,6 @@ def test_damage_interrupted_saves_and_recipe_changes_on_resume(offline_assets, t
                                       "--slimtrain.loss_log", str(log_a)]},
         {"name": "other_recipe", "args": [*base, "--slimtrain.methods", "low_rank", "--low_rank.rank", "8",
                                           "--training.steps", "4", "--job.dump_folder", str(b)]},
-        {"name": "other_rank", "args": [*base, "--sltrain.rank", "4", "--training.steps", "4",
-                                        "--job.dump_folder", str(b)]},
         {"name": "weights_only", "args": [*base, "--slimtrain.methods", "low_rank", "--low_rank.rank", "8",
                                           "--training.steps", "1", "--job.dump_folder", str(b),
                                           "--slimtrain.resume_weights_only"]},
@@ -80,8 +77,6 @@ def test_damage_interrupted_saves_and_recipe_changes_on_resume(offline_assets, t
     assert "[slimtrain] methods: ['sltrain', 'adamw'] in the checkpoint, ['low_rank', 'adamw'] now" in other["error"]
     assert "method 'sltrain' of the checkpoint is not in this run" in other["error"]
     assert "--slimtrain.resume_weights_only" in other["error"]
-    rank = second["other_rank"]
-    assert not rank["ok"] and "[sltrain] rank: 8 in the checkpoint, 4 now" in rank["error"], rank
 
     assert second["weights_only"]["ok"], second["weights_only"]["error"]
     assert "DROPPED from the checkpoint" in log and "original2" in log.split("DROPPED from the checkpoint")[1][:3000]
