@@ -11,12 +11,17 @@ folder executes code the moment a run resumes from it:
 3. the dataloader's own state: torchtitan's ``ParallelAwareDataloader`` stores
    ``pickle.dumps(state)`` and restores it with ``pickle.loads``.
 
-``install()`` routes (1) and (3) through ``RestrictedUnpickler``, which resolves only the globals a
-checkpoint written by torch and torchtitan contains (DCP's metadata classes, ``torch.Size``, dtypes,
-layouts, paths) and refuses anything else with an error naming it, and (2) through torch's
-``weights_only=True`` loader (primitives, containers and tensors). Saving is unchanged. The
-allowlist was read off real checkpoints of every recipe (tests/integration resume them through
-these loaders).
+``install()`` routes (1) and (3) through ``RestrictedUnpickler``, which resolves only the exact
+(module, name) pairs a checkpoint written by torch and torchtitan contains (``METADATA_GLOBALS``:
+DCP's metadata classes, ``torch.Size``, dtypes, ``_get_layout``, ``PosixPath``;
+``DATALOADER_GLOBALS``: none) and refuses anything else with an error naming it and the file, and
+(2) through torch's ``weights_only=True`` loader (primitives, containers and tensors), whose
+refusal is re-raised naming the value. An earlier version allowed every class under
+``torch.distributed.checkpoint.*``; dotted names resolved through those modules
+(``operator.methodcaller`` reached via ``torch.distributed.checkpoint.filesystem``) ran code. Saving
+is unchanged. tests/integration/test_safe_checkpoint.py feeds a corpus of gadget pickles
+(tests/integration/gadget_pickles.py) to all three places; test_checkpoint_guard.py checks that a
+fresh torchtitan checkpoint references nothing outside the list.
 
 Even so, treat checkpoints like code you run: the tensors themselves are data, but a checkpoint
 from someone else decides your weights.

@@ -8,6 +8,10 @@ torchtitan's; this adds, in order of the run:
   CPU, the composition (a bad recipe fails here with the registry's message), the per-layer
   checks on the flavor's shapes (preflight.py), and the embedded corpus (prepared on the first
   run; ranks wait on a file lock);
+- around torchtitan's checkpointer (checkpoint_guard.py): the recipe and the checksums of every
+  file with each checkpoint; at resume, damaged or unfinished checkpoints skipped or refused, and
+  a checkpoint of another recipe refused (or, with ``resume_weights_only``, its matching weights
+  loaded);
 - after the first optimizer step: a memory breakdown, measured, next to the analytic estimate;
 - at every optimizer step: a finiteness check of the step's loss across ranks BEFORE the
   optimizer applies the update. A NaN/Inf loss stops the run with a message; no checkpoint is
