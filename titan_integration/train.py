@@ -54,8 +54,13 @@ def _toml(argv: list[str]) -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ArgumentError(f"--job.config_file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ArgumentError(f"--job.config_file {path}: not valid TOML ({exc})") from None
 
 
 class ArgumentError(ValueError):

@@ -337,6 +337,32 @@ def check_bad_settings_are_refused_before_the_model():
     assert not failures, "\n".join(failures)
 
 
+def check_an_unknown_toml_key_names_its_section_and_the_allowed_keys():
+    from slimtrain.registry import ConfigError
+
+    for (old, new), expected in [
+        (("[sltrain]\n", "[sltrain]\nranks = 8\n"), "unknown TOML key(s) ranks in [sltrain]; allowed: "),
+        (("[training]\n", "[training]\nsteps_total = 8\n"), "unknown TOML key(s) steps_total in [training]; allowed: "),
+        (("[model]\n", "[no_such_section]\nx = 1\n[model]\n"), "unknown TOML section(s) [no_such_section]; allowed: "),
+    ]:
+        addition = new
+        toml = os.path.join(tempfile.mkdtemp(), "run.toml")
+        with open("plugins/sltrain.toml") as f:
+            text = f.read()
+        assert old in text
+        with open(toml, "w") as f:
+            f.write(text.replace(old, new, 1))
+        try:
+            _parse(["--job.config_file", toml, "--model.flavor", "nano"])
+        except ConfigError as exc:
+            assert expected in str(exc), str(exc)
+            assert "run_train.sh" not in str(exc)
+            if "[sltrain]" in expected:
+                assert "rank" in str(exc).split("allowed: ")[1].split(", ")
+        else:
+            raise AssertionError(f"{addition!r} was accepted")
+
+
 def check_a_string_for_methods_in_toml_is_refused():
     from slimtrain.registry import ConfigError
     from slimtrain.titan_integration import context
