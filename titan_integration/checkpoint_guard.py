@@ -136,7 +136,9 @@ def install(ck, recipe: dict, on_damage: str = "stop", weights_only: bool = Fals
                 continue
             if problem is not None:
                 message = f"checkpoint {folder} is damaged: {problem}"
-                if on_damage == "stop" or step != -1:
+                if step != -1:
+                    raise CheckpointDamagedError(f"{message}. Stopping: --checkpoint.load_step {step} names it")
+                if on_damage == "stop":
                     raise CheckpointDamagedError(
                         f"{message}. Stopping ([slimtrain] checkpoint_on_damage = \"stop\"; \"fallback\" "
                         f"resumes from the previous intact checkpoint instead)")

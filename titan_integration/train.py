@@ -117,12 +117,13 @@ def complete_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def _config_error_exit(exc: BaseException) -> None:
-    """A configuration error: one message (on rank 0), no traceback, exit status 2. Real crashes
-    keep their tracebacks (they are not caught here)."""
+def _config_error_exit(exc: BaseException, status: int = 2) -> None:
+    """A worded error (configuration, data, a checkpoint refused or a full disk): one message (on
+    rank 0), no traceback, exit ``status`` (2 for settings). Real crashes keep their tracebacks
+    (they are not caught here)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"slimtrain: error: {exc}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,8 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         from slimtrain.corpus.prepare import CorpusError
         from slimtrain.registry import SlimtrainError
 
+        from slimtrain.titan_integration.checkpoint_integrity import CheckpointSaveError
+
         if isinstance(exc, (SlimtrainError, CorpusError)):  # worded errors of settings or data
             _config_error_exit(exc)
+        if isinstance(exc, CheckpointSaveError):  # a full disk: the path and the free space
+            _config_error_exit(exc, status=1)
         raise
 
 
