@@ -13,7 +13,8 @@ checkpoint.
 
 Load (``load``, newest step first, or the step of ``--checkpoint.load_step``):
 - no checksum file (an interrupted save, or written before slimtrain recorded checksums): skipped,
-  with a warning naming it;
+  with a warning naming it; when no intact checkpoint is left, ``"stop"`` stops (a folder of
+  checkpoints is never silently trained over from step 1) and ``"fallback"`` starts at step 1;
 - a file that does not match: ``checkpoint_on_damage = "stop"`` raises naming the file,
   ``"fallback"`` warns and tries the previous checkpoint;
 - a recipe that differs from the run's: refused, listing the differences, unless
@@ -157,6 +158,12 @@ def install(ck, recipe: dict, on_damage: str = "stop", weights_only: bool = Fals
                 return True
             return original_load(step=s)
         if candidates:
+            if on_damage == "stop":  # never start over silently over a folder of checkpoints
+                raise CheckpointDamagedError(
+                    f"no intact checkpoint in {ck.folder} (steps {', '.join(map(str, candidates))}: see the "
+                    f"warnings above; checkpoints written before slimtrain recorded checksums have none). "
+                    f"Stopping rather than starting over: use another --job.dump_folder to start a new run, or "
+                    f"--slimtrain.checkpoint_on_damage fallback to start at step 1 in this folder")
             log.warning("slimtrain: no intact checkpoint in %s: training starts at step 1", ck.folder)
         return False
 

@@ -145,7 +145,7 @@ def test_recipe_differences_list_every_change():
     assert "records no recipe" in checkpoint_recipe.differences(None, now)[0]
 
 
-def _guarded_checkpointer(folder):
+def _guarded_checkpointer(folder, on_damage="stop"):
     """The two methods checkpoint_guard wraps, over plain DCP (no trainer needed)."""
     import types
 
@@ -159,7 +159,7 @@ def _guarded_checkpointer(folder):
     ck.load = lambda step=-1: ck.loaded.append(step) or True
     ck._create_checkpoint_id = lambda step: str(folder / f"step-{step}")
     recipe = {"flavor": "nano", "methods": ["adamw"], "settings": {}, "optimizer": "adamw"}
-    checkpoint_guard.install(ck, recipe)
+    checkpoint_guard.install(ck, recipe, on_damage)
     return ck
 
 
@@ -193,3 +193,18 @@ def test_disk_full_during_a_save_names_the_path_and_leaves_no_checkpoint(tmp_pat
 def test_a_nan_setting_equals_itself():
     rec = {"flavor": "nano", "methods": ["m"], "optimizer": "adamw", "settings": {"m": {"x": float("nan")}}}
     assert checkpoint_recipe.differences(json.loads(json.dumps(rec)), rec) == []
+
+
+def test_a_folder_with_no_intact_checkpoint_stops_unless_fallback(tmp_path):
+    import torch
+
+    ck = _guarded_checkpointer(tmp_path)
+    ck.dcp_save({"w": torch.ones(4)}, str(tmp_path / "step-1"))
+    (tmp_path / "step-1" / integrity.CHECKSUM_FILE).unlink()  # as if written before checksums existed
+    from slimtrain.titan_integration import checkpoint_guard
+
+    with pytest.raises(checkpoint_guard.CheckpointDamagedError, match="no intact checkpoint .* Stopping rather"):
+        ck.load()
+    assert ck.loaded == []
+    fallback = _guarded_checkpointer(tmp_path, on_damage="fallback")
+    assert fallback.load() is False and fallback.loaded == []  # starts at step 1
