@@ -38,6 +38,11 @@ def method_names(job_config: Any) -> list[str]:
             "the job config has no [slimtrain] section: set [job] custom_config_module = "
             '"slimtrain.titan_integration.job_config" (titan_integration/train.py adds it for you)'
         )
+    if isinstance(section.methods, str):
+        from slimtrain.registry import ConfigError
+
+        raise ConfigError(f"[slimtrain] methods = {section.methods!r}: allowed: a list of method names, "
+                          f'e.g. methods = ["{section.methods}"]')
     names: list[str] = []
     for item in section.methods:
         names.extend(part.strip() for part in str(item).split(",") if part.strip())

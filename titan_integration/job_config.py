@@ -72,6 +72,18 @@ class Slimtrain:
     """If set, rank 0 appends one JSON line per step ({"step", "loss"}, the exact global loss) and
     per validation ({"step", "val_loss", "val_perplexity"}) to this file (resume checks, plots)."""
 
+    checkpoint_on_damage: str = "stop"
+    """When a checkpoint file does not match the checksum recorded at save (a flipped byte, a
+    truncated file): "stop" (the run stops naming the file) or "fallback" (resume from the previous
+    intact checkpoint). A checkpoint without its checksum file (a save that did not finish) is
+    always skipped with a warning."""
+
+    resume_weights_only: bool = False
+    """Resume from a checkpoint written by another recipe (methods, their settings, flavor or
+    optimizer): load only the model weights whose names and shapes match, start at step 1 with a
+    new optimizer, and list what is dropped. Without it such a resume is refused, listing the
+    differences."""
+
 
 def register_cli_rules() -> None:
     """Let every ``tuple[str, ...]`` key (``[slimtrain] methods``, methods' ``targets`` and
@@ -106,6 +118,44 @@ def register_cli_rules() -> None:
         )
 
     custom_registry._slimtrain_rules = True
+
+
+def register_toml_key_check() -> None:
+    """An unknown TOML key or section is refused naming it, its section and the allowed keys.
+
+    Why: torchtitan's own message (``Invalid field names in <class ...>``) names neither the
+    section nor the keys it would take, and points at ``./run_train.sh``, which slimtrain does not
+    have. This replaces ``ConfigManager._dict_to_dataclass`` (same conversion) with one that knows
+    where it is; it is installed when torchtitan imports this module, before the TOML is converted.
+    """
+    from slimtrain.registry import ConfigError
+    from torchtitan.config.manager import ConfigManager
+
+    if getattr(ConfigManager, "_slimtrain_toml_check", False):
+        return
+
+    def convert(self, cls, data, _where: str = ""):
+        if not dataclasses.is_dataclass(cls) or not isinstance(data, dict):
+            return data
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            what = f"key(s) {', '.join(unknown)} in [{_where}]" if _where else f"section(s) [{'], ['.join(unknown)}]"
+            raise ConfigError(f"unknown TOML {what}; allowed: {', '.join(sorted(valid))} "
+                              f"(titan_integration/train.py --help lists every key)")
+        result = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                if dataclasses.is_dataclass(f.type) and isinstance(value, dict):
+                    inner = f"{_where}.{f.name}" if _where else f.name
+                    result[f.name] = convert(self, f.type, value, inner)
+                else:
+                    result[f.name] = value
+        return cls(**result)
+
+    ConfigManager._dict_to_dataclass = convert
+    ConfigManager._slimtrain_toml_check = True
 
 
 def _field_spec(f: dataclasses.Field, annotation: Any) -> tuple[str, Any, dataclasses.Field]:
@@ -171,4 +221,5 @@ def non_default_keys(job_config: Any, method_name: str) -> list[str]:
 
 
 register_cli_rules()
+register_toml_key_check()
 JobConfig = build_job_config_class()

@@ -54,8 +54,37 @@ def _toml(argv: list[str]) -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ArgumentError(f"--job.config_file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ArgumentError(f"--job.config_file {path}: not valid TOML ({exc})") from None
+
+
+class ArgumentError(ValueError):
+    """A command-line mistake found before torchtitan parses the arguments (torch-free: the
+    registry's SlimtrainError would import torch before the CPU shim)."""
+
+
+def check_methods_flag(argv: list[str]) -> None:
+    """``--slimtrain.methods`` at most once and with at least one name: a second one silently
+    replaced the first, and a bare one (no names) dropped the recipe's methods (full-rank AdamW)."""
+    keys = ("--slimtrain.methods", "--slimtrain-methods")
+    found = [i for i, arg in enumerate(argv) if arg.split("=", 1)[0] in keys]
+    if len(found) > 1:
+        given = [argv[i] if "=" in argv[i] else f"{argv[i]} {argv[i + 1] if i + 1 < len(argv) else ''}".strip()
+                 for i in found]
+        raise ArgumentError(f"--slimtrain.methods given {len(found)} times ({'; '.join(given)}): allowed: once, "
+                            f"with every method, e.g. --slimtrain.methods sltrain,momentum_reset")
+    for i in found:
+        name, eq, value = argv[i].partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+        if not [v for v in value.split(",") if v.strip()]:
+            raise ArgumentError("--slimtrain.methods is given without a method name: allowed: one or more names, "
+                                "e.g. --slimtrain.methods sltrain (full-rank AdamW: --slimtrain.methods adamw)")
 
 
 def complete_argv(argv: list[str]) -> list[str]:
@@ -65,6 +94,7 @@ def complete_argv(argv: list[str]) -> list[str]:
     ``slimtrain`` converter in ``[model] converters`` (added to any the user lists), and the CPU
     flavors' run defaults (run_defaults.py)."""
     argv = list(argv)
+    check_methods_flag(argv)
     toml = _toml(argv)
     job = toml.get("job", {}) if isinstance(toml.get("job"), dict) else {}
     model = toml.get("model", {}) if isinstance(toml.get("model"), dict) else {}
@@ -87,7 +117,34 @@ def complete_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def _config_error_exit(exc: BaseException, status: int = 2) -> None:
+    """A worded error (configuration, data, a checkpoint refused or a full disk): one message (on
+    rank 0), no traceback, exit ``status`` (2 for settings). Real crashes keep their tracebacks
+    (they are not caught here)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"slimtrain: error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except ArgumentError as exc:
+        _config_error_exit(exc)
+    except Exception as exc:
+        from slimtrain.corpus.prepare import CorpusError
+        from slimtrain.registry import SlimtrainError
+
+        from slimtrain.titan_integration.checkpoint_integrity import CheckpointSaveError
+
+        if isinstance(exc, (SlimtrainError, CorpusError)):  # worded errors of settings or data
+            _config_error_exit(exc)
+        if isinstance(exc, CheckpointSaveError):  # a full disk: the path and the free space
+            _config_error_exit(exc, status=1)
+        raise
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = complete_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]
 

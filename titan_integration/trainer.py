@@ -8,6 +8,10 @@ torchtitan's; this adds, in order of the run:
   CPU, the composition (a bad recipe fails here with the registry's message), the per-layer
   checks on the flavor's shapes (preflight.py), and the embedded corpus (prepared on the first
   run; ranks wait on a file lock);
+- around torchtitan's checkpointer (checkpoint_guard.py): the recipe and the checksums of every
+  file with each checkpoint; at resume, damaged or unfinished checkpoints skipped or refused, and
+  a checkpoint of another recipe refused (or, with ``resume_weights_only``, its matching weights
+  loaded);
 - after the first optimizer step: a memory breakdown, measured, next to the analytic estimate;
 - at every optimizer step: a finiteness check of the step's loss across ranks BEFORE the
   optimizer applies the update. A NaN/Inf loss stops the run with a message; no checkpoint is
@@ -27,6 +31,7 @@ import math
 import os
 import time
 
+from slimtrain.registry import ConfigError
 from slimtrain.titan_integration import cpu_shim
 
 cpu_shim.apply()
@@ -35,7 +40,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
-from slimtrain.titan_integration import context, data, memory, preflight, safe_checkpoint, spec  # noqa: E402
+from slimtrain.titan_integration import (  # noqa: E402
+    checkpoint_guard,
+    checkpoint_recipe,
+    context,
+    data,
+    memory,
+    preflight,
+    safe_checkpoint,
+    spec,
+)
 from slimtrain.titan_integration.converter import CONVERTER_NAME  # noqa: E402
 from slimtrain.titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
 from slimtrain.titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
@@ -53,23 +67,23 @@ class NonFiniteLossError(RuntimeError):
 def prepare_job_config(job_config) -> None:
     """Defaults slimtrain needs, applied to the parsed config before the Trainer sees it."""
     if job_config.model.name != spec.TRAIN_SPEC_NAME:
-        raise ValueError(
+        raise ConfigError(
             f"[model] name = {job_config.model.name!r}: slimtrain's trainer needs "
             f"name = {spec.TRAIN_SPEC_NAME!r} (its flavors: {', '.join(FLAVORS)})"
         )
     if job_config.model.flavor not in FLAVORS:
-        raise ValueError(
+        raise ConfigError(
             f"[model] flavor = {job_config.model.flavor!r} is unknown; flavors: {', '.join(FLAVORS)}"
         )
     if CONVERTER_NAME not in job_config.model.converters:
-        raise ValueError(
+        raise ConfigError(
             f"[model] converters = {list(job_config.model.converters)!r} lacks {CONVERTER_NAME!r}: start "
             f"runs with titan_integration/train.py, which adds it (and slimtrain's other defaults)"
         )
     frac = job_config.slimtrain.warmup_fraction
     if frac >= 0:
         if frac > 1:
-            raise ValueError(f"[slimtrain] warmup_fraction = {frac} must be in [0, 1]")
+            raise ConfigError(f"[slimtrain] warmup_fraction = {frac}: allowed: a number in [0, 1] (or < 0: off)")
         total = job_config.lr_scheduler.total_steps or job_config.training.steps
         job_config.lr_scheduler.warmup_steps = int(round(frac * total))
     if cpu_shim.is_active() and not job_config.slimtrain.cpu_mixed_precision:
@@ -99,6 +113,10 @@ class SlimTrainer(Trainer):
         super().__init__(job_config)
         self.optimizers.register_step_pre_hook(self._check_finite_before_update)
         self._checkpoint_rng_state()
+        if self.checkpointer.enable:
+            recipe = checkpoint_recipe.recipe_of(job_config.model.flavor, composition)
+            checkpoint_guard.install(self.checkpointer, recipe, job_config.slimtrain.checkpoint_on_damage,
+                                     job_config.slimtrain.resume_weights_only)
         if job_config.validation.enable and hasattr(self.validator, "on_result"):
             self.validator.on_result = lambda r: self._record(
                 {"step": r["step"], "val_loss": r["loss"], "val_perplexity": r["perplexity"]}

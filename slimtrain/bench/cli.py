@@ -17,6 +17,7 @@ from pathlib import Path
 
 from slimtrain.bench import report, runner
 from slimtrain.bench.recipes import available_recipes, load_recipe
+from slimtrain.cli_args import int_at_least, name_list, positive_float, positive_float_list
 
 DEFAULT_RECIPES = "full_rank,galore,fira,low_rank,lora,relora,sltrain,sltrain_restarts"
 
@@ -79,7 +80,9 @@ def _row(result: runner.RunResult, est_gib: float, flops_per_token: float) -> di
         "run": spec.name,
         "recipe": spec.recipe,
         "lr": spec.lr if spec.lr is not None else load_recipe(spec.recipe).raw.get("optimizer", {}).get("lr", math.nan),
-        "status": "ok" if result.ok else "failed",
+        "status": "ok" if result.ok else ("timeout" if result.ended.startswith("timed out")
+                                           else "interrupted" if result.ended.startswith("interrupted") else "failed"),
+        "ended": result.ended,
         "val_perplexity": result.val_perplexity,
         "val_loss": result.val_loss,
         "final_train_loss": result.final_loss,
@@ -98,27 +101,31 @@ def _row(result: runner.RunResult, est_gib: float, flops_per_token: float) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimtrain bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated; available: {', '.join(available_recipes())}")
+    parser.add_argument("--recipes", default=name_list(DEFAULT_RECIPES), type=name_list, help=f"comma-separated; available: {', '.join(available_recipes())}")
     parser.add_argument("--flavor", default="60m")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=None, help="rank of every method that has one (default: the flavor's rank)")
-    parser.add_argument("--lr", default="", help="comma-separated LRs to sweep per recipe (default: each recipe's own)")
-    parser.add_argument("--val-every", type=int, default=0, help="validation interval in steps (default: steps/4)")
-    parser.add_argument("--val-steps", type=int, default=8)
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    parser.add_argument("--steps", type=int_at_least(1), default=200)
+    parser.add_argument("--nproc", type=int_at_least(1), default=1)
+    parser.add_argument("--batch", type=int_at_least(1), default=8, help="sequences per rank per step")
+    parser.add_argument("--seq-len", type=int_at_least(1), default=256)
+    parser.add_argument("--rank", type=int_at_least(1), default=None, help="rank of every method that has one (default: the flavor's rank)")
+    parser.add_argument("--lr", default=[], type=positive_float_list, help="comma-separated LRs to sweep per recipe (default: each recipe's own)")
+    parser.add_argument("--val-every", type=int_at_least(0), default=0, help="validation interval in steps (default: steps/4)")
+    parser.add_argument("--val-steps", type=int_at_least(1), default=8)
+    parser.add_argument("--timeout", type=positive_float, default=None, help="seconds per run")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for every run")
     args = parser.parse_args(argv)
+    from slimtrain.titan_integration.flavors import FLAVORS
 
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if args.flavor not in FLAVORS:
+        parser.error(f"argument --flavor: {args.flavor!r}: allowed: {', '.join(FLAVORS)}")
+
+    recipes = args.recipes
     unknown = [r for r in recipes if r not in available_recipes()]
     if unknown:
         print(f"slimtrain bench: unknown recipe(s) {', '.join(unknown)}; available: {', '.join(available_recipes())}", file=sys.stderr)
         return 2
-    lrs: list[float | None] = [float(x) for x in args.lr.split(",") if x.strip()] or [None]
+    lrs: list[float | None] = list(args.lr) or [None]
     out = Path(args.out)
     extra = tuple(a for a in args.extra if a != "--")
     val_every = args.val_every or max(1, args.steps // 4)
@@ -131,9 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         for lr in lrs
     ]
     rows, curves = [], {}
+    interrupted = False
     for i, spec in enumerate(specs, 1):
         print(f"[bench {i}/{len(specs)}] {spec.name}: {args.steps} steps of {spec.tokens_per_step} tokens ...", flush=True)
-        result = runner.run(spec, timeout_s=args.timeout)
+        try:
+            result = runner.run(spec, timeout_s=args.timeout)
+        except runner.BenchInterrupted as stop:
+            print(f"[bench {i}/{len(specs)}] {spec.name}: {stop.result.ended}; writing the tables of the "
+                  f"{len(rows)} run(s) that ended before", file=sys.stderr, flush=True)
+            interrupted = True
+            break
         try:
             est_gib, flops = _analytic(spec.recipe, args.flavor, args.seq_len, spec.overrides)
         except Exception as exc:  # an estimate must not sink the sweep
@@ -142,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         row = _row(result, est_gib, flops)
         rows.append(row)
         curves[spec.name] = row["val_curve"]
-        state = f"ok: val ppl {row['val_perplexity']:.2f}, loss {row['final_train_loss']:.3f}" if result.ok else f"FAILED: {result.error}"
+        state = (f"ok: val ppl {row['val_perplexity']:.2f}, loss {row['final_train_loss']:.3f}" if result.ok
+                 else f"{row['status'].upper()}: {result.error}")
         print(f"[bench {i}/{len(specs)}] {spec.name} {state} ({result.wall_s:.0f} s; log {spec.folder / 'train.log'})", flush=True)
 
+    if not rows:
+        print("slimtrain bench: interrupted before any run ended; no table written", file=sys.stderr)
+        return 130
     header = (
         f"# slimtrain bench: {', '.join(recipes)} at flavor {args.flavor}\n\n"
         f"{datetime.date.today().isoformat()}, {_device()}, {args.nproc} process(es), {args.steps} steps x "
@@ -155,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = report.write_plots(rows, curves, out)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in [*paths.values(), *plots]))
+    if interrupted:
+        return 130
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 

@@ -21,6 +21,7 @@ from slimtrain.registry import compose, get_methods, llama_dense_specs
 from slimtrain.registry.config import config_defaults
 
 from slimtrain.bench.recipes import available_recipes, load_recipe
+from slimtrain.cli_args import int_at_least, name_list
 from slimtrain.titan_integration.flavors import PAPER_SHAPES, PAPER_VOCAB, paper_settings
 
 DEFAULT_RECIPES = "full_rank,galore,fira,low_rank,lora,relora,sltrain,sltrain_restarts"
@@ -143,23 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimtrain memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--flavor", default="1b", choices=sorted(PAPER_SHAPES))
     parser.add_argument(
-        "--recipes", default=DEFAULT_RECIPES,
+        "--recipes", default=name_list(DEFAULT_RECIPES), type=name_list,
         help=f"comma-separated recipe names (evaluated at the paper's settings for the flavor) or TOML "
              f"paths (evaluated with the TOML's values); names: {', '.join(available_recipes())}",
     )
-    parser.add_argument("--rank", type=int, default=None, help="override the rank of every recipe")
+    parser.add_argument("--rank", type=int_at_least(1), default=None, help="override the rank of every recipe")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--device", action="store_true",
                         help="what a GPU holds: + gradients, index buffers and activations (--batch, --seq-len, --ac)")
-    parser.add_argument("--batch", type=int, default=16, help="sequences per step (with --device)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (with --device)")
+    parser.add_argument("--batch", type=int_at_least(1), default=16, help="sequences per step (with --device)")
+    parser.add_argument("--seq-len", type=int_at_least(1), default=256, help="tokens per sequence (with --device)")
     parser.add_argument("--ac", default="full", choices=("none", "selective", "full"),
                         help="activation checkpointing (with --device)")
     args = parser.parse_args(argv)
     if args.device:
         try:
             rows = [device_row(r.strip(), args.flavor, batch=args.batch, seq_len=args.seq_len, ac=args.ac, rank=args.rank)
-                    for r in args.recipes.split(",") if r.strip()]
+                    for r in args.recipes]
         except ValueError as exc:
             print(f"slimtrain memory: {exc}", file=sys.stderr)
             return 2
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                   "under 'peak at'")
         return 0
     try:
-        rows = [memory_row(r.strip(), args.flavor, args.rank) for r in args.recipes.split(",") if r.strip()]
+        rows = [memory_row(r, args.flavor, args.rank) for r in args.recipes]
     except ValueError as exc:
         print(f"slimtrain memory: {exc}", file=sys.stderr)
         return 2

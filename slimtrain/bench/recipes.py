@@ -39,8 +39,14 @@ def recipe_path(name_or_path: str) -> Path:
 
 def load_recipe(name_or_path: str) -> Recipe:
     path = recipe_path(name_or_path)
-    raw = tomllib.loads(path.read_text())
-    methods = list(raw.get("slimtrain", {}).get("methods", []))
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    methods = raw.get("slimtrain", {}).get("methods", [])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"{path}: [slimtrain] methods = {methods!r}: allowed: a list of method names, "
+                         f'e.g. methods = ["sltrain"]')
     from slimtrain.registry import get_methods
 
     installed = get_methods()

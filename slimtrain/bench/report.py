@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (
-    "recipe", "lr", "status", "val_perplexity", "val_loss", "final_train_loss", "tokens_per_s",
+    "recipe", "lr", "status", "ended", "val_perplexity", "val_loss", "final_train_loss", "tokens_per_s",
     "peak_memory_gib", "weights_optimizer_measured_gib", "weights_optimizer_estimated_gib",
     "train_flops", "tokens", "wall_s", "command", "error",
 )
@@ -55,7 +55,7 @@ def markdown_table(rows: list[dict], header: str = "") -> str:
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"failed: {r['error'][:120]}"
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error'][:120]}"
         cells = [_fmt(r.get(c, "")) if c != "status" else status for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -5,6 +5,12 @@ the sweep's flavor, steps, batch and learning rate on the command line, so a ben
 exactly what a user would run. The run writes a JSON-lines log (``[slimtrain] loss_log``): one
 entry per step (loss, wall time), per validation (loss, perplexity), and one memory breakdown.
 A run that fails is kept with its error and the tail of its output; the sweep goes on.
+
+Each run is started in its own session (process group): on ``--timeout`` or Ctrl-C the whole
+group - torchrun and every training worker it started - is ended (SIGTERM, then SIGKILL after a
+grace period), so no orphan keeps training and writing the run's metrics. ``RunResult.ended``
+says why a run ended; Ctrl-C raises ``BenchInterrupted`` carrying the interrupted run's result,
+so the caller can still write the tables of the runs that finished.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +92,7 @@ class RunResult:
     step_times: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     val: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)  # step, loss, ppl
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ended: str = "finished"  # finished | failed (exit code N) | timed out after N s | interrupted (Ctrl-C)
 
     @property
     def final_loss(self) -> float:
@@ -126,6 +134,38 @@ def read_metrics(path: Path, result: RunResult) -> None:
                 result.step_times.append((entry["step"], entry["time"]))
 
 
+GRACE_S = 10.0  # from SIGTERM to SIGKILL when a run's process group is ended
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: its process group was ended; ``result`` is what it had measured."""
+
+    def __init__(self, result: "RunResult") -> None:
+        super().__init__("interrupted")
+        self.result = result
+
+
+def end_process_group(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
+    """End ``proc`` and everything in its process group: SIGTERM, then SIGKILL after ``grace_s``."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; workers of the same group may linger a moment
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run(spec: RunSpec, *, timeout_s: float | None = None) -> RunResult:
     spec.folder.mkdir(parents=True, exist_ok=True)
     metrics = spec.folder / "metrics.jsonl"
@@ -134,22 +174,36 @@ def run(spec: RunSpec, *, timeout_s: float | None = None) -> RunResult:
     log_path = spec.folder / "train.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.monotonic()
+    ended, interrupted = "finished", False
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(spec.command()) + "\n")
         log.flush()
+        proc = subprocess.Popen(spec.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(spec.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            rc = -9
-    result = RunResult(spec, ok=(rc == 0), wall_s=time.monotonic() - start)
+            end_process_group(proc)
+            rc, ended = -9, f"timed out after {timeout_s:g} s (--timeout); its processes were ended"
+        except KeyboardInterrupt:
+            end_process_group(proc)
+            rc, ended, interrupted = -2, "interrupted (Ctrl-C); its processes were ended", True
+        else:
+            if rc != 0:
+                ended = f"failed (exit code {rc})"
+    result = RunResult(spec, ok=(rc == 0), wall_s=time.monotonic() - start, ended=ended)
     read_metrics(metrics, result)
     if rc != 0:
         tail = log_path.read_text().splitlines()[-400:]
         # the run's own error, not torchrun's wrapper around it (ChildFailedError comes last)
         errors = [ln for ln in tail if ("Error" in ln or "error:" in ln) and "torch.distributed.elastic" not in ln
                   and not ln.lstrip().startswith("raise ")]
-        result.error = (errors[-1].strip() if errors else f"exit code {rc}")[:500]
+        if rc in (-9, -2):
+            result.error = ended
+        else:
+            result.error = (errors[-1].strip() if errors else ended)[:500]
     elif not result.losses:
         result.ok, result.error = False, "the run wrote no loss"
+    if interrupted:
+        raise BenchInterrupted(result)
     return result

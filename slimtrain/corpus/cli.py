@@ -10,9 +10,12 @@ import argparse
 import logging
 import sys
 
+from slimtrain.cli_args import int_at_least
+
 from .prepare import (
     DEFAULT_TOKENIZER_TRAIN_CHARS,
     DEFAULT_VOCAB_SIZE,
+    MIN_VOCAB_SIZE,
     CorpusError,
     CorpusSettings,
     default_data_dir,
@@ -30,12 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="cache folder (default: $SLIMTRAIN_DATA_DIR, else "
                    f"{default_data_dir()})")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+    p.add_argument("--vocab-size", type=int_at_least(MIN_VOCAB_SIZE), default=DEFAULT_VOCAB_SIZE,
                    help="tokenizer vocabulary size, special tokens included "
                    f"(default {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--force", action="store_true",
                    help="rebuild everything, re-fetching every source")
-    p.add_argument("--tokenizer-train-chars", type=int, default=DEFAULT_TOKENIZER_TRAIN_CHARS,
+    p.add_argument("--tokenizer-train-chars", type=int_at_least(0), default=DEFAULT_TOKENIZER_TRAIN_CHARS,
                    metavar="N",
                    help="train the tokenizer on about N characters of the train split "
                    "(a fixed sample; default: all of it)")

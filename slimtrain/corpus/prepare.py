@@ -35,6 +35,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tokenizers
 
+from slimtrain.disk_space import NO_SPACE, write_failed_message
+
 from . import clean, split
 from . import tokenizer as tkn
 from .manifest import FORMAT_VERSION, check_folder, file_entries, read_manifest, write_manifest
@@ -338,6 +340,10 @@ def _build_vocab(data_dir: Path, text_manifest: dict[str, Any], settings: Corpus
 
 
 # ---------------------------------------------------------------------- public
+MIN_VOCAB_SIZE = 256 + len(tkn.SPECIAL_TOKENS)  # every byte, plus the special tokens
+
+
+
 def prepare_corpus(data_dir: str | os.PathLike | None = None,
                    vocab_size: int = DEFAULT_VOCAB_SIZE, force: bool = False,
                    sources: Sequence[Source] | None = None,
@@ -349,15 +355,30 @@ def prepare_corpus(data_dir: str | os.PathLike | None = None,
     built.
     """
     t_start = time.perf_counter()
-    min_vocab = 256 + len(tkn.SPECIAL_TOKENS)
+    min_vocab = MIN_VOCAB_SIZE
     if vocab_size < min_vocab:
         raise ValueError(f"vocab size must be at least {min_vocab} (256 bytes + "
                          f"{len(tkn.SPECIAL_TOKENS)} special tokens), got {vocab_size}")
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise CorpusError(f"data dir {data_dir} is a file, not a folder (--data-dir / [slimtrain] data_dir)")
     sources = list(default_sources() if sources is None else sources)
     settings = settings or CorpusSettings()
     if settings.vocab_size != vocab_size:
         settings = CorpusSettings(**{**asdict(settings), "vocab_size": vocab_size})
+    try:
+        return _prepare_locked(data_dir, vocab_size, force, sources, settings, t_start)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        # the stage being built was a temporary folder, removed on the way out: nothing half
+        # written is installed, and a later run builds it again
+        raise CorpusError(f"corpus not prepared: {write_failed_message(data_dir, e)}; nothing half-written "
+                          f"was kept in {data_dir}") from None
+
+
+def _prepare_locked(data_dir: Path, vocab_size: int, force: bool, sources: list, settings: CorpusSettings,
+                    t_start: float) -> PrepareResult:
     with _locked(data_dir):
         _remove_stale_temporaries(data_dir)
         text_wanted = settings.text_settings(sources)

@@ -103,7 +103,7 @@ def test_failed_recipe_is_reported_and_sweep_goes_on(tmp_path):
     assert runs["sltrain"]["status"] == "failed"
     assert "[sltrain] rank = 64 does not fit" in runs["sltrain"]["error"]
     assert runs["full_rank"]["status"] == "ok"
-    assert "failed: slimtrain.registry.errors.ConfigError: [sltrain] rank = 64" in (out / "results.md").read_text()
+    assert "failed: slimtrain: error: [sltrain] rank = 64" in (out / "results.md").read_text()
 
 
 def test_unknown_recipe_is_refused_before_running(tmp_path, capsys):

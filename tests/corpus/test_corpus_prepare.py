@@ -176,5 +176,28 @@ def test_ensure_corpus_uses_env_dir(small_corpus, monkeypatch):
 def test_cli_rejects_too_small_vocab_before_fetching(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "default_sources",
                         lambda: pytest.fail("must not fetch for an invalid vocab size"))
-    assert cli.main(["--data-dir", str(tmp_path), "--vocab-size", "100"]) == 1
-    assert "vocab size must be at least 258" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse's usage error, before anything runs
+        cli.main(["--data-dir", str(tmp_path), "--vocab-size", "100"])
+    assert info.value.code == 2
+    assert "argument --vocab-size: 100: allowed: an integer >= 258" in capsys.readouterr().err
+
+
+def test_disk_full_names_the_path_and_free_space_and_keeps_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(prepare, "write_manifest", full)
+    with pytest.raises(prepare.CorpusError) as info:
+        prepare.prepare_corpus(tmp_path, SMALL_VOCAB, sources=fake_sources(), settings=SETTINGS)
+    message = str(info.value)
+    assert "disk full while writing" in message and str(tmp_path) in message and "MiB free there" in message
+    assert not (tmp_path / "text").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path, capsys):
+    target = tmp_path / "data"
+    target.write_text("not a folder")
+    assert cli.main(["--data-dir", str(target)]) == 1
+    assert f"data dir {target} is a file, not a folder" in capsys.readouterr().err

@@ -290,6 +290,99 @@ def check_memory_breakdown():
     assert any("optimizer state" in line for line in m.lines())
 
 
+# (extra args on plugins/sltrain.toml at nano, what the refusal must say): issue 25's late failures
+# and settings accepted with exit 0, each refused before the model, naming key, value and range
+BAD_SETTINGS = [
+    (["--optimizer.lr", "-0.001"], "[optimizer] lr = -0.001: allowed: a finite number > 0"),
+    (["--optimizer.lr", "0"], "[optimizer] lr = 0.0: allowed: a finite number > 0"),
+    (["--optimizer.lr", "nan"], "[optimizer] lr = nan: allowed: a finite number > 0"),
+    (["--checkpoint.interval", "0"], "[checkpoint] interval = 0: allowed: an integer >= 1"),
+    (["--training.local_batch_size", "0"], "[training] local_batch_size = 0: allowed: an integer >= 1"),
+    (["--training.seq_len", "0"], "[training] seq_len = 0: allowed: an integer >= 1"),
+    (["--validation.seq_len", "-4"], "[validation] seq_len = -4: allowed: an integer >= 1"),
+    (["--slimtrain.loss_log", "/nonexistent_i25/dir/loss.jsonl"],
+     "[slimtrain] loss_log = '/nonexistent_i25/dir/loss.jsonl': its folder /nonexistent_i25/dir does not exist"),
+    (["--slimtrain.checkpoint_on_damage", "ignore"], "[slimtrain] checkpoint_on_damage = 'ignore': allowed: stop, fallback"),
+    (["--sltrain.targets", "*.nothing_here"], "[sltrain] selects no trainable parameter of the model: targets = ['*.nothing_here']"),
+    (["--slimtrain.methods", "sltrain", "--slimtrain.methods", "low_rank"], "--slimtrain.methods given 2 times"),
+    (["--slimtrain.methods"], "--slimtrain.methods is given without a method name"),
+    (["--slimtrain.methods", "--model.flavor", "nano"], "--slimtrain.methods is given without a method name"),
+    (["--slimtrain.methods="], "--slimtrain.methods is given without a method name"),
+]
+
+
+def check_bad_settings_are_refused_before_the_model():
+    from slimtrain.registry import SlimtrainError
+    from slimtrain.titan_integration import context, preflight
+    from slimtrain.titan_integration.flavors import FLAVORS
+    from slimtrain.titan_integration.train import ArgumentError
+    from slimtrain.titan_integration.trainer import prepare_job_config
+
+    failures = []
+    for extra, expected in BAD_SETTINGS:
+        args = ["--job.config_file", "plugins/sltrain.toml", "--model.flavor", "nano", "--sltrain.rank", "8",
+                "--job.dump_folder", tempfile.mkdtemp(), *extra]
+        try:  # what SlimTrainer.__init__ runs before torch.distributed, the corpus or the model
+            config = _parse(args)
+            prepare_job_config(config)
+            context.reset()
+            composition = context.composition_for(config)
+            preflight.check_before_model(config, composition, FLAVORS[config.model.flavor])
+            failures.append(f"{extra}: accepted")
+        except (SlimtrainError, ArgumentError) as exc:
+            if expected not in str(exc):
+                failures.append(f"{extra}: {exc}")
+        finally:
+            context.reset()
+    assert not failures, "\n".join(failures)
+
+
+def check_an_unknown_toml_key_names_its_section_and_the_allowed_keys():
+    from slimtrain.registry import ConfigError
+
+    for (old, new), expected in [
+        (("[sltrain]\n", "[sltrain]\nranks = 8\n"), "unknown TOML key(s) ranks in [sltrain]; allowed: "),
+        (("[training]\n", "[training]\nsteps_total = 8\n"), "unknown TOML key(s) steps_total in [training]; allowed: "),
+        (("[model]\n", "[no_such_section]\nx = 1\n[model]\n"), "unknown TOML section(s) [no_such_section]; allowed: "),
+    ]:
+        addition = new
+        toml = os.path.join(tempfile.mkdtemp(), "run.toml")
+        with open("plugins/sltrain.toml") as f:
+            text = f.read()
+        assert old in text
+        with open(toml, "w") as f:
+            f.write(text.replace(old, new, 1))
+        try:
+            _parse(["--job.config_file", toml, "--model.flavor", "nano"])
+        except ConfigError as exc:
+            assert expected in str(exc), str(exc)
+            assert "run_train.sh" not in str(exc)
+            if "[sltrain]" in expected:
+                assert "rank" in str(exc).split("allowed: ")[1].split(", ")
+        else:
+            raise AssertionError(f"{addition!r} was accepted")
+
+
+def check_a_string_for_methods_in_toml_is_refused():
+    from slimtrain.registry import ConfigError
+    from slimtrain.titan_integration import context
+
+    toml = os.path.join(tempfile.mkdtemp(), "run.toml")
+    with open("plugins/sltrain.toml") as f:
+        text = f.read().replace('methods = ["sltrain"]', 'methods = "sltrain"')
+    with open(toml, "w") as f:
+        f.write(text)
+    config = _parse(["--job.config_file", toml, "--model.flavor", "nano"])
+    try:
+        context.composition_for(config)
+    except ConfigError as exc:
+        assert "[slimtrain] methods = 'sltrain': allowed: a list of method names" in str(exc), str(exc)
+    else:
+        raise AssertionError("methods = \"sltrain\" was accepted")
+    finally:
+        context.reset()
+
+
 def main():
     results = {}
     for name, fn in list(globals().items()):
