@@ -1,8 +1,9 @@
 """SinkGD, Stable-SPAM and Adam-mini under FSDP2 on CPU (gloo), with momentum_reset firing: 1 and 2
-sharded ranks equal the unsharded run; and, for the two with state, composed with state_8bit and
-per_layer_updates: per-layer updates equal the plain step (unsharded, and sharded at 1 and 2 ranks
-up to 8-bit code flips), 8-bit state tracks full precision. SinkGD has no state: per_layer_updates
-refuses it (tested). Fresh processes, as tests/optim/test_per_layer_updates.py.
+sharded ranks equal the unsharded run; and composed with state_8bit and per_layer_updates: per-layer
+updates equal the plain step (unsharded, and sharded at 1 and 2 ranks up to 8-bit code flips), 8-bit
+state tracks full precision (SinkGD declares no state: there 8-bit applies to the AdamW moments of
+the embedding and head, per-layer updates to every parameter). Fresh processes, as
+tests/optim/test_per_layer_updates.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ RECIPES = {
                     {"stable_spam": {"gamma1": 0.7, "gamma2": 0.9, "total_T": STEPS}, **RESET}),
     "adam_mini": (["adam_mini", "momentum_reset"], {"adam_mini": {"head_dim": 8}, **RESET}),
 }
-STATEFUL = ("stable_spam", "adam_mini")
+STATEFUL = tuple(RECIPES)
 # (recipe, variant): "plain", "8bit" (state_8bit), "8bit_per_layer" (state_8bit + per_layer_updates)
 UNSHARDED = [(r, "plain") for r in RECIPES] + [(r, v) for r in STATEFUL for v in ("8bit", "8bit_per_layer")]
 SHARDED = [(r, "plain") for r in RECIPES] + [(r, "8bit_per_layer") for r in STATEFUL]
@@ -94,9 +95,9 @@ def worker() -> None:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("frontier2_fsdp")
     return {
-        "unsharded": launch_ranks(__file__, 1, False, base / "unsharded")[0],
-        "sharded1": launch_ranks(__file__, 1, True, base / "sharded1"),
-        "sharded2": launch_ranks(__file__, 2, True, base / "sharded2"),
+        "unsharded": launch_ranks(__file__, 1, False, base / "unsharded", timeout=900)[0],
+        "sharded1": launch_ranks(__file__, 1, True, base / "sharded1", timeout=900),
+        "sharded2": launch_ranks(__file__, 2, True, base / "sharded2", timeout=900),
     }
 
 
@@ -162,18 +163,6 @@ def test_8bit_state_tracks_full_precision(runs, recipe):
         moved = (full[k] - b0).norm()
         assert moved > 0, k
         assert 0 < (q8[k] - full[k]).norm() < 0.1 * moved, (k, float((q8[k] - full[k]).norm()), float(moved))
-
-
-def test_per_layer_updates_refuses_stateless_sinkgd():
-    from slimtrain.registry import ConfigError, OptimizerHyper, compose
-
-    with pytest.raises(ConfigError, match=r"sinkgd"):
-        comp = compose(["sinkgd", "per_layer_updates"], {})
-        from torch import nn
-
-        model = nn.Module()
-        model.wq = nn.Linear(8, 8, bias=False)
-        comp.build_optimizer(comp.param_groups(model), OptimizerHyper())
 
 
 if __name__ == "__main__":
