@@ -49,3 +49,15 @@ def test_adam_mini_takes_the_7b_head_size_from_the_size_table():
     """7B has heads of 128: the memory row uses head_dim 128 there (titan_integration/flavors.py)."""
     row = memory_row("adam_mini", "7b")
     assert row["settings"] == {"adam_mini.head_dim": 128}
+
+
+def test_sltrain_with_sinkgd_on_its_factors_is_below_scale_at_1b():
+    """Issue 24's goal: LLaMA-1B weights + state of SinkGD + SLTrain below SCALE's 2.81 GB. SinkGD
+    steps SLTrain's factors B and A (stateless), AdamW the sparse values, embedding, head and norms."""
+    from slimtrain.registry import compose, llama_dense_specs
+
+    comp = compose(["sltrain", "sinkgd"], {"sltrain": {"rank": 512, "alpha": 8.0}, "sinkgd": {"roles": ["B", "A"]}})
+    est = comp.estimate_memory(llama_dense_specs(D, F, L, V, D // HEAD))
+    alone = compose(["sltrain"], {"sltrain": {"rank": 512, "alpha": 8.0}}).estimate_memory(llama_dense_specs(D, F, L, V, D // HEAD))
+    assert est.weights_bytes == alone.weights_bytes and est.optimizer_bytes < alone.optimizer_bytes
+    assert (est.total_bytes + est.extra_bytes) / 1e9 < memory_row("scale", "1b")["total_gb"] == pytest.approx(2.81, abs=0.01)
