@@ -112,7 +112,9 @@ def _same(got: dict, want: dict, tol: float) -> None:
 def _same_up_to_code_flips(got: dict, want: dict, tol: float = 2e-4, share: float = 2e-3) -> None:
     """As in tests/optim/test_per_layer_updates.py: the reduce-scatter's summation order can move a
     moment across an 8-bit rounding midpoint; at most ``share`` of a tensor's elements beyond ``tol``
-    (measured: Stable-SPAM at 2 ranks, 4 of 3072 elements of one FFN weight after 5 steps)."""
+    (measured: Stable-SPAM at 2 ranks, 4 to 8 of 3072 elements of one FFN weight after 5 steps, more than
+    the others: AdaGN scales a whole tensor by one factor from an all-reduced norm, so its last-bit
+    difference moves every element at once and more of them cross a midpoint)."""
     for key, w in want.items():
         if key.startswith("_"):
             continue
@@ -148,7 +150,7 @@ def test_per_layer_with_8bit_under_fsdp2_equals_unsharded(runs, recipe, world):
     plain = runs["unsharded"][(recipe, "8bit")]
     for rank_result in runs[f"sharded{world}"]:
         got = rank_result[(recipe, "8bit_per_layer")]
-        _same_up_to_code_flips(got, plain)
+        _same_up_to_code_flips(got, plain, share=5e-3 if recipe == "stable_spam" else 2e-3)
         assert int(got["_live"]) == 1
 
 
