@@ -112,7 +112,7 @@ class AdamMiniRule(UpdateRule):
     def _block_mean_sq(self, p: RuleParam, kind: str, rows: RowShards) -> torch.Tensor:
         g = rows.local
         if kind == "row":
-            return torch.mean(g * g, dim=1, keepdim=True)
+            return torch.linalg.vector_norm(g, dim=1, keepdim=True).square_().div_(g.shape[1])
         if kind == "block":
             total = rows.allreduce(torch.sum(g * g).reshape(1))[0]
             return total / math.prod(rows.shape)
@@ -155,9 +155,10 @@ class AdamMiniRule(UpdateRule):
         if kind == "head":
             hd = self.head_dim_of(p.spec)
             stepsize = rows.my_rows(stepsize.repeat_interleave(hd, dim=0))
-        update = m.float() * stepsize
-        update.mul_(info.lr)
-        p_local.add_(-update.to(p_local.dtype))
+        if m.dtype == p_local.dtype == stepsize.dtype:
+            p_local.addcmul_(m, stepsize, value=-info.lr)
+        else:
+            p_local.add_((m.float() * stepsize * info.lr).to(p_local.dtype), alpha=-1)
 
 
 class AdamMini(Method):

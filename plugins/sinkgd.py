@@ -50,19 +50,32 @@ class SinkGDConfig:
             raise ConfigError("[sinkgd] roles = () is empty; name at least one parameter role, e.g. 'weight'")
 
 
-def sr_sinkhorn(g: torch.Tensor, iterations: int, rows: RowShards | None = None) -> torch.Tensor:
-    """``iterations`` alternating row / column RMS normalizations of ``g`` (this rank's rows of an
-    m x n matrix; ``rows`` given when the rows are spread over ranks: the column sums are then one
-    all-reduce of n numbers per iteration)."""
-    m = rows.shape[0] if rows is not None else g.shape[0]
-    x = g
+def sinkhorn_scalings(g: torch.Tensor, iterations: int, rows: RowShards | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diagonal scalings (r: rows x 1, c: 1 x n) with ``X = r * G * c`` after ``iterations``
+    alternating row / column RMS normalizations of G (this rank's rows of an m x n matrix; ``rows``
+    given when the rows are spread over ranks: the column sums are then one all-reduce of n numbers
+    per iteration). X is never formed inside the loop: ``G^2`` is squared once and each pass is one
+    matrix-vector product with it (row sums of ``(r G c)^2 = r^2 (G^2 c^2)``, column sums
+    ``c^2 (r^2 G^2)``), so the step reads G's size about 2L + 3 times, about AdamW's traffic."""
+    m, n = rows.shape if rows is not None else g.shape
+    g2 = g.square()
+    c = g.new_ones(n)
+    r = g.new_ones(g.shape[0])
     for _ in range(iterations):
-        x = x / x.square().mean(dim=1, keepdim=True).sqrt().clamp_min(RMS_FLOOR)
-        col = x.square().sum(dim=0, keepdim=True)
+        row_rms = (r * (g2 @ c.square()).div_(n).sqrt_()).clamp_min_(RMS_FLOOR)
+        r = r / row_rms
+        col = r.square() @ g2
         if rows is not None:
             col = rows.allreduce(col)
-        x = x / (col / m).sqrt().clamp_min(RMS_FLOOR)
-    return x
+        col_rms = (c * col.div_(m).sqrt_()).clamp_min_(RMS_FLOOR)
+        c = c / col_rms
+    return r.unsqueeze(1), c.unsqueeze(0)
+
+
+def sr_sinkhorn(g: torch.Tensor, iterations: int, rows: RowShards | None = None) -> torch.Tensor:
+    """``iterations`` alternating row / column RMS normalizations of ``g`` (the SR-Sinkhorn output)."""
+    r, c = sinkhorn_scalings(g, iterations, rows)
+    return r * g * c
 
 
 class SinkGDRule(UpdateRule):
@@ -79,10 +92,15 @@ class SinkGDRule(UpdateRule):
         lr = info.lr * self.lr_ratio
         for p in params:
             rows = RowShards(p.grad)
-            u = sr_sinkhorn(rows.local, self.iterations, rows)
+            g = rows.local
+            r, c = sinkhorn_scalings(g, self.iterations, rows)
             p_local = local_tensor(p.param.data)
-            p_local.mul_(1 - lr * info.weight_decay)
-            p_local.add_(u.to(p_local.dtype), alpha=-lr)
+            if info.weight_decay:
+                p_local.mul_(1 - lr * info.weight_decay)
+            if p_local.dtype == torch.float32:
+                p_local.addcmul_(g * r, c, value=-lr)  # W -= lr r G c, X never stored on its own
+            else:
+                p_local.add_((g * r * c).to(p_local.dtype), alpha=-lr)
 
 
 class SinkGD(Method):

@@ -117,15 +117,18 @@ class StableSpamRule(UpdateRule):
         state["total_steps"] += 1
         t = int(state["step"].item()) + (1 if state["total_steps"].item() > state["step"].item() else 0)
 
-        max_g = g.abs().max() if g.numel() else g.new_zeros(())
+        a = g.abs()
+        max_g = a.max() if g.numel() else g.new_zeros(())
         if rows is not None and rows.dist:
             dist.all_reduce(max_g, op=dist.ReduceOp.MAX, group=rows.group)
         clip_max = state["clip_max"]
         clip_max.mul_(self.gamma3).add_((1 - self.gamma3) * max_g)
         threshold = clip_max / (1 - self.gamma3**t)
-        g = torch.where(g.abs() > threshold, g / max_g * threshold, g)
+        # spiked entries (|G| > threshold) become G / max|G| * threshold: one factor for all of them
+        g = torch.where(a > threshold, g * (threshold / max_g), g)
+        del a
 
-        sq = g.square().sum()
+        sq = torch.linalg.vector_norm(g).square()
         if rows is not None:
             sq = rows.allreduce(sq.reshape(1))[0]
         norm = sq.sqrt()
@@ -136,17 +139,22 @@ class StableSpamRule(UpdateRule):
         m_hat = norm_m / (1 - g1**t)
         v_hat = norm_v / (1 - self.gamma2**t)
         c = m_hat / (torch.sqrt(v_hat) + info.eps)
-        g = torch.where(norm > 0, g / norm * c, g)
+        g.mul_(torch.where(norm > 0, c / norm, torch.ones_like(norm)))  # AdaGN: G to norm c
 
         beta1, beta2 = info.betas
         beta1 = beta1 * scale
         bias1, bias2 = 1 - beta1**t, 1 - beta2**t
         exp_avg, exp_avg_sq = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])
         g_m = g.to(exp_avg.dtype)
-        exp_avg.mul_(beta1).add_(g_m, alpha=1 - beta1)
+        exp_avg.lerp_(g_m, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g_m, g_m, value=1 - beta2)
-        denom = (exp_avg_sq.float().sqrt() / math.sqrt(bias2)).add_(info.eps)
-        p_local.add_((exp_avg.float() / denom).to(p_local.dtype), alpha=-info.lr / bias1)
+        # m / (sqrt(v) / sqrt(bc2) + eps) = sqrt(bc2) m / (sqrt(v) + eps sqrt(bc2))
+        root2 = math.sqrt(bias2)
+        denom = exp_avg_sq.sqrt().add_(info.eps * root2)
+        if p_local.dtype == exp_avg.dtype:
+            p_local.addcdiv_(exp_avg, denom, value=-info.lr * root2 / bias1)
+        else:
+            p_local.add_((exp_avg.float() / denom.float()).to(p_local.dtype), alpha=-info.lr * root2 / bias1)
 
 
 class StableSpam(Method):
