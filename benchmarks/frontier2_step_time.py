@@ -88,6 +88,7 @@ def main() -> None:
             for _ in range(args.steps):
                 opts[name].step()
             times[name].append((time.perf_counter() - start) / args.steps)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names), flush=True)
     n_params = sum(p.numel() for p in template.parameters())
     print(f"optimizer step at {args.flavor} shapes ({n_params / 1e6:.0f}M parameters, "
           f"{len(grads)} tensors), fp32, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
