@@ -37,6 +37,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slimtrain.plugins.apollo",
     "slimtrain.plugins.muon",
     "slimtrain.plugins.scale",
+    "slimtrain.plugins.sinkgd",
+    "slimtrain.plugins.stable_spam",
+    "slimtrain.plugins.adam_mini",
     "slimtrain.plugins.state_8bit",
     "slimtrain.plugins.per_layer_updates",
 )

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 RECIPES = ["full_rank", "low_rank", "lora", "relora", "galore", "fira", "sltrain", "sltrain_restarts",
-           "low_rank_restarts", "apollo", "apollo_mini", "muon", "scale", "sltrain_apollo_mini"]
+           "low_rank_restarts", "apollo", "apollo_mini", "muon", "scale", "sltrain_apollo_mini",
+           "sinkgd", "stable_spam", "adam_mini"]
 # (methods, learning rate) each recipe must have (methods.md: paper defaults at 60M)
 EXPECTED = {
     "full_rank": ([], 1e-3),
@@ -43,6 +44,9 @@ EXPECTED = {
     "muon": (["muon"], 1e-3),
     "scale": (["scale"], 1e-3),
     "sltrain_apollo_mini": (["sltrain", "apollo_mini"], 0.003),
+    "sinkgd": (["sinkgd"], 1e-3),
+    "stable_spam": (["stable_spam", "momentum_reset"], 1e-3),
+    "adam_mini": (["adam_mini"], 1e-3),
 }
 
 
