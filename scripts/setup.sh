@@ -31,19 +31,6 @@ if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_
   echo "[setup] installing the reference optimizers (no dependencies): ${REFERENCE_PACKAGES[*]}"
   "${VPIP[@]}" install -q --no-deps "${REFERENCE_PACKAGES[@]}"
 fi
-# Stable-SPAM's released optimizer is no package: its file at a pinned commit, checked by sha256, into
-# the ignored .reference/ (tests/methods/test_frontier2_reference.py; skipped there, saying so, without it).
-STABLESPAM_URL=https://raw.githubusercontent.com/TianjinYellow/StableSPAM/6a66da1ea7005f7fe7bc570b7968144b42163bed/galore_torch/stablespam.py
-STABLESPAM_SHA256=941ac479f926e9179753921bf3a8746ec79ad2ba5faf495c8aa2b50bca1ad69a
-if [ ! -f .reference/stablespam.py ]; then
-  mkdir -p .reference
-  if .venv/bin/python -c "import urllib.request, hashlib, sys; d = urllib.request.urlopen(sys.argv[1], timeout=30).read(); sys.exit(hashlib.sha256(d).hexdigest() != sys.argv[2] or not open('.reference/stablespam.py', 'wb').write(d))" "$STABLESPAM_URL" "$STABLESPAM_SHA256" 2>/dev/null; then
-    echo "[setup] fetched the released Stable-SPAM optimizer into .reference/"
-  else
-    rm -f .reference/stablespam.py
-    echo "[setup] could not fetch the released Stable-SPAM optimizer (offline?); its comparison test will skip"
-  fi
-fi
 # torch.compile on CPU (the suite's compiled runs) generates C++ and calls $CXX or g++.
 if ! command -v "${CXX:-g++}" >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

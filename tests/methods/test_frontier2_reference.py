@@ -4,7 +4,7 @@
   grouped k, per row elsewhere, one block per norm, Adam on biases), weight decay on.
 * Stable-SPAM: an independent statement of the algorithm with the released code's conventions
   (below; always runs), and the released code itself (TianjinYellow/StableSPAM
-  ``galore_torch/stablespam.py`` at a pinned commit, fetched by scripts/setup.sh into
+  ``galore_torch/stablespam.py`` at commit 6a66da1, a local copy (not vendored: no package carries it) in
   ``.reference/``, or ``SLIMTRAIN_STABLESPAM_REF``; that test is skipped, saying so, without it).
 * SinkGD: no code released; an independent statement of the paper's SR-Sinkhorn algorithm.
 """
@@ -228,7 +228,7 @@ def released_stable_spam():
     """The released optimizer class, from a file outside the repository (not vendored)."""
     path = os.environ.get("SLIMTRAIN_STABLESPAM_REF") or str(ROOT / ".reference" / "stablespam.py")
     if not Path(path).is_file():
-        pytest.skip(f"the released Stable-SPAM code is not here ({path}): scripts/setup.sh fetches it "
+        pytest.skip(f"the released Stable-SPAM code is not here ({path}): put a copy of it there "
                     f"(pinned commit), or set SLIMTRAIN_STABLESPAM_REF")
     spec = importlib.util.spec_from_file_location("released_stablespam", path)
     mod = importlib.util.module_from_spec(spec)
