@@ -100,8 +100,8 @@ def check_model(model: nn.Module, composition: Composition) -> None:
             names = sorted({fqn.rsplit(".", 1)[-1] for fqn in linear_names})
             raise ConfigError(
                 f"[{m.name}] targets = {list(patterns)!r} match no {'Linear layer' if parametrizes else 'module'} "
-                f"of the model ({type(model).__name__}); its Linear layers are named: {', '.join(names)}. "
-                f"Set [{m.name}] targets to some of them"
+                f"of the model ({type(model).__name__}); candidate names: {', '.join(names)} "
+                f"(set [{m.name}] targets to some of them)"
             )
 
 
