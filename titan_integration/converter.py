@@ -62,6 +62,12 @@ class SlimtrainConverter:
                     f"--parallelism.tensor_parallel_degree 1 --parallelism.pipeline_parallel_degree 1"
                 )
         log.info("%s", self.composition.describe())
+        from slimtrain.titan_integration import run_record
+
+        try:
+            run_record.write(job_config, self.composition)  # what `slimtrain export` reads later
+        except (AttributeError, OSError) as exc:  # a partial job config (tests) or an unwritable folder
+            log.warning("slimtrain: no %s written (%s): `slimtrain export` will not find this run", run_record.RECORD, exc)
 
     def convert(self, model: nn.Module) -> None:
         from slimtrain.api import parametrize_model
