@@ -30,7 +30,7 @@ class ModelDescription:
     num_layers: int | None = None
     vocab_size: int | None = None
     num_kv_heads: int | None = None
-    source: str = "given"  # where the sizes came from: "given", "hf config", "torchtitan args", "modules"
+    source: str = "given"  # where the sizes came from: "given", "hf config", "model args", "modules"
 
     def __post_init__(self) -> None:
         for f in ("hidden_size", "num_heads", "num_layers", "vocab_size", "num_kv_heads"):
@@ -66,7 +66,7 @@ _HF_KEYS = {
     "vocab_size": "vocab_size",
     "num_kv_heads": "num_key_value_heads",
 }
-_TITAN_KEYS = {"hidden_size": "dim", "num_heads": "n_heads", "num_layers": "n_layers", "vocab_size": "vocab_size", "num_kv_heads": "n_kv_heads"}
+_ARGS_KEYS = {"hidden_size": "dim", "num_heads": "n_heads", "num_layers": "n_layers", "vocab_size": "vocab_size", "num_kv_heads": "n_kv_heads"}
 
 
 def _read(obj: Any, keys: dict[str, str]) -> dict[str, int]:
@@ -89,7 +89,7 @@ def infer_description(model, given: ModelDescription | None = None) -> ModelDesc
     if config is not None and getattr(config, "hidden_size", None) is not None:
         found, source = _read(config, _HF_KEYS), "hf config"
     elif args is not None and getattr(args, "dim", None) is not None:
-        found, source = _read(args, _TITAN_KEYS), "torchtitan args"
+        found, source = _read(args, _ARGS_KEYS), "model args"
         if "num_kv_heads" not in found and "num_heads" in found:
             found["num_kv_heads"] = found["num_heads"]
     else:
