@@ -21,16 +21,20 @@ from .helpers import ROOT, env, read_log, torchrun  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export_run")
+def train(root: Path, recipe: str, overrides: list[str]) -> Path:
     proc = torchrun(1, "titan_integration/train.py", [
-        "--job.config_file", "plugins/sltrain.toml", "--model.flavor", "nano", "--training.steps", "12",
-        "--checkpoint.interval", "6", "--sltrain.rank", "8", "--training.seq_len", "64", "--validation.seq_len", "64",
+        "--job.config_file", f"plugins/{recipe}.toml", "--model.flavor", "nano", "--training.steps", "12",
+        "--checkpoint.interval", "6", "--training.seq_len", "64", "--validation.seq_len", "64",
         "--validation.freq", "12", "--job.dump_folder", str(root / "run"), "--slimtrain.loss_log", str(root / "log.jsonl"),
+        *overrides,
     ])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("export_sltrain"), "sltrain", ["--sltrain.rank", "8"])
 
 
 def export(run_dir, out) -> subprocess.CompletedProcess:
@@ -39,6 +43,16 @@ def export(run_dir, out) -> subprocess.CompletedProcess:
 
 
 def test_export_loads_with_the_runs_logits_perplexity_and_generates(run):
+    check_export(run)
+
+
+def test_export_of_a_relora_run(tmp_path):
+    """A recipe with a frozen base (LoRA's W0), merges and momentum resets."""
+    check_export(train(tmp_path, "relora", ["--lora.rank", "8", "--lora_merge.every", "4", "--momentum_reset.every", "4",
+                                           "--momentum_reset.warmup_steps", "2"]))
+
+
+def check_export(run: Path) -> None:
     from slimtrain.titan_integration import export as ex
 
     out = run / "hf"
