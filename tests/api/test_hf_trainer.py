@@ -76,3 +76,14 @@ def test_per_layer_updates_with_accumulation_refused_before_training(tmp_path):
         SlimtrainTrainer(model=model, args=args(tmp_path, max_grad_norm=0.0), train_dataset=Rule(),
                          recipe={"methods": ["sltrain", "per_layer_updates"], "sltrain": {"rank": 4}})
     assert not any("parametrizations" in n for n, _ in model.named_parameters())  # untouched
+
+
+def test_per_layer_updates_train_without_accumulation(tmp_path):
+    """Per-layer updates step in backward; the Trainer's optimizer.step() then only counts the step."""
+    t = SlimtrainTrainer(model=llama(), args=args(tmp_path, max_steps=2, gradient_accumulation_steps=1, max_grad_norm=0.0,
+                                                  save_steps=10), train_dataset=Rule(),
+                         recipe={"methods": ["sltrain", "per_layer_updates"], "sltrain": {"rank": 4}})
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.train()
+    assert t.slimtrain.per_layer is not None and t.slimtrain.optimizer.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
