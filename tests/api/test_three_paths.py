@@ -42,7 +42,7 @@ def lm_loss(logits, tokens):
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
-def plain_path(model, recipe, schedule, forward):
+def plain_path(model, recipe, schedule):
     prepared = slimtrain.prepare(model, recipe, **HYPER)
     return prepared, prepared.scheduler(schedule)
 
@@ -67,9 +67,9 @@ def assert_bitwise(a, b):
 def titan_model(recipe):
     from slimtrain.titan_integration import context
     from slimtrain.titan_integration.converter import SlimtrainConverter
-    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+    from torchtitan.models.llama3 import Transformer
 
-    args = TransformerModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32)
+    args = titan_args()
     comp = slimtrain.load_recipe(recipe).compose()
     converter = SlimtrainConverter.__new__(SlimtrainConverter)  # what torchtitan builds from the job config
     converter.composition = comp
@@ -104,9 +104,10 @@ def test_titan_builder_equals_plain_loop(name):
         ).schedulers[0].lr_lambdas[0]
     finally:
         context.reset()
-    plain = Transformer(_args_of(model))
-    prepared, scheduler = plain_path(plain, recipe, base_schedule, None)
+    plain = Transformer(titan_args())
+    prepared, scheduler = plain_path(plain, recipe, base_schedule)
     plain.load_state_dict(model.state_dict())  # the same weights (factors, sparse values, supports)
+    initial = model.tok_embeddings.weight.detach().clone()
     assert prepared.description.hidden_size == 64 and prepared.description.vocab_size == 64
     for tokens in data:
         lm_loss(model(tokens), tokens).backward()
@@ -114,11 +115,12 @@ def test_titan_builder_equals_plain_loop(name):
         schedulers.step()
         container.zero_grad()
     run_plain(prepared, scheduler, lambda m, t: m(t), data)
+    assert not torch.equal(model.tok_embeddings.weight, initial)  # the steps did something
     assert container.optimizers[0].global_step == prepared.optimizer.global_step == STEPS
     assert_bitwise(model, plain)
 
 
-def _args_of(model):
+def titan_args():
     from torchtitan.models.llama3 import TransformerModelArgs
 
     return TransformerModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32)
@@ -147,7 +149,7 @@ def test_hf_adapter_equals_plain_loop(name, tmp_path):
     ).lr_lambdas[0]
     torch.manual_seed(0)
     plain = LlamaForCausalLM(config)
-    prepared, scheduler = plain_path(plain, recipe, base_schedule, None)
+    prepared, scheduler = plain_path(plain, recipe, base_schedule)
     plain.load_state_dict(hf_model.state_dict())
     for tokens in data:
         lm_loss(hf_model(tokens).logits, tokens).backward()
