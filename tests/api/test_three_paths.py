@@ -94,6 +94,9 @@ def test_titan_builder_equals_plain_loop(name):
 
     recipe, data = RECIPES[name], batches()
     model, comp = titan_model(recipe)
+    # the converter described the model to every method before parametrizing (Adam-mini's head size)
+    assert comp.model.head_dim == 16 and comp.model.num_layers == 2 and comp.model.vocab_size == 64
+    assert all(m.model is comp.model for m in comp.methods)
     opt_cfg = Optimizer(lr=HYPER["lr"], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, implementation="foreach")
     lr_cfg = LRScheduler(warmup_steps=3, decay_type="cosine", min_lr_factor=0.1)
     try:
