@@ -28,6 +28,7 @@ from slimtrain.registry.method import (
     Requirement,
     StepContext,
 )
+from slimtrain.registry.model_description import ModelDescription, infer_description
 from slimtrain.registry.parametrization import FactorizedParametrization, LinearParametrization
 from slimtrain.registry.targets import DEFAULT_TARGETS
 
@@ -44,6 +45,7 @@ __all__ = [
     "MemoryEstimate",
     "Method",
     "MethodInfo",
+    "ModelDescription",
     "OptimizerHyper",
     "ParamSpec",
     "Requirement",
@@ -57,6 +59,7 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
+    "infer_description",
     "llama_dense_specs",
     "parse_config",
     "register_plugin",

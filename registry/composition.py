@@ -39,6 +39,7 @@ class Composition:
 
     methods: list[Method]
     default: Method | None = None  # the default optimizer method when ``methods`` lists none by name
+    model: Any = None  # the ModelDescription of the model it trains (``describe_model``); None until set
     _specs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # -- introspection --------------------------------------------------------------------------
@@ -100,6 +101,13 @@ class Composition:
         return "\n".join(lines)
 
     # -- model-time application ---------------------------------------------------------------
+    def describe_model(self, description) -> None:
+        """Hand ``description`` (a ``ModelDescription``) to the composition and every method in it
+        (``method.model``), before anything is applied, so methods can read the model's sizes."""
+        self.model = description
+        for m in [*self.methods, self.default_optimizer]:
+            m.model = description
+
     def apply_parametrizations(self, model) -> list[str]:
         """Parametrize the targeted Linear weights of ``model`` (meta device, before sharding)."""
         from slimtrain.registry.parametrization import attach, parametrization_of

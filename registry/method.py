@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from slimtrain.registry.model_description import ModelDescription
     from slimtrain.registry.parametrization import LinearParametrization
     from slimtrain.registry.update_rule import UpdateRule
 
@@ -110,6 +111,9 @@ class Method:
     requires: ClassVar[tuple[Requirement, ...]] = ()
     conflicts_with: ClassVar[frozenset[str]] = frozenset()
     hook_stage: ClassVar[HookStage] = HookStage.WEIGHTS
+    #: the sizes of the model being trained (``slimtrain.registry.model_description``), set by
+    #: ``Composition.describe_model`` before any parametrization; None until then
+    model: ModelDescription | None = None
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()

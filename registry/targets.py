@@ -2,8 +2,9 @@
 
 A pattern is an fnmatch glob matched against a module's fully qualified name or any dotted suffix
 of it, so ``wq`` matches ``layers.3.attention.wq`` and ``attention.*`` matches every attention
-projection. The defaults name torchtitan's LLaMA projections (q, k, v, o, gate/down/up); embeddings,
-norms and the output head are never matched by them.
+projection. The defaults name LLaMA's projections (q, k, v, o, gate/down/up) as torchtitan names
+them and as Hugging Face transformers names them (``q_proj`` ... ``down_proj``), so a recipe runs
+on either model unchanged; embeddings, norms and the output head are never matched by them.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 
-DEFAULT_TARGETS: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+TITAN_TARGETS: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+HF_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS: tuple[str, ...] = TITAN_TARGETS + HF_TARGETS
 
 # Representative module names, used to decide without a model whether two methods' patterns overlap.
 _PROBE_NAMES: tuple[str, ...] = tuple(
     f"layers.0.{block}.{name}"
-    for block, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
+    for block, names in (
+        ("attention", ("wq", "wk", "wv", "wo")),
+        ("feed_forward", ("w1", "w2", "w3")),
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    )
     for name in names
 )
 

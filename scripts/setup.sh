@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv and install slimtrain with its test extra. Idempotent: a second run
+# Create (or reuse) .venv and install slimtrain with its test and hf extras (the HF Trainer adapter's tests run in CI). Idempotent: a second run
 # installs nothing new. torch is installed first and pinned, because a bare "torch" requirement
 # pulls a multi-GB CUDA build: without a GPU we take the CPU build 2.13.0; with one, set
 # SLIMTRAIN_TORCH (e.g. "torch==2.11.0") or preinstall the CUDA build you want.
@@ -16,11 +16,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "[setup] installing $torch_req"
   "${VPIP[@]}" install -q "$torch_req"
 fi
-if ! .venv/bin/python -c "import slimtrain.registry, pytest, hypothesis, torchtitan, setuptools" 2>/dev/null \
+if ! .venv/bin/python -c "import slimtrain.registry, pytest, hypothesis, torchtitan, setuptools, transformers, accelerate, safetensors" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.slimtrain-installed ]; then
-  echo "[setup] installing slimtrain (editable) with its test extra"
+  echo "[setup] installing slimtrain (editable) with its test and hf extras"
   "${VPIP[@]}" install -q setuptools wheel
-  "${VPIP[@]}" install -q -e '.[test]'
+  "${VPIP[@]}" install -q -e '.[test,hf]'
   touch .venv/.slimtrain-installed
 fi
 # The released optimizers the method tests compare against (tests/optim/reference_packages.py).

@@ -4,6 +4,10 @@ One import root. Plugin authors need only what is exported here::
 
     from slimtrain import Capability, Method, UpdateRule, StateSpec, hookimpl
 
+Users of any trainer prepare a model with one call (``slimtrain.api``)::
+
+    prepared = slimtrain.prepare(model, "plugins/sltrain.toml")
+
 The repository keeps ``registry/``, ``plugins/`` and ``titan_integration/`` at its top; the
 installed distribution maps them to ``slimtrain.registry``, ``slimtrain.plugins`` and
 ``slimtrain.titan_integration`` (pyproject.toml's ``package-dir``) and each refuses to be imported
@@ -25,12 +29,19 @@ from slimtrain.registry.targets import matches_any
 from slimtrain.registry.tensors import full_tensor, is_dtensor, local_tensor, write_full_
 from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
+from slimtrain.api import Prepared, prepare
+from slimtrain.recipe import Recipe, load_recipe
+
 __version__ = "0.1.0"
 
 __all__ = sorted(
     set(_registry_all)
     | {
         "OnReset",
+        "Prepared",
+        "Recipe",
+        "load_recipe",
+        "prepare",
         "OwnerRanks",
         "RowShards",
         "RuleParam",

@@ -21,6 +21,7 @@ DELEGATED = {
     "bench": ("slimtrain.bench.cli:main", "run recipes side by side and write tables and plots"),
     "memory": ("slimtrain.bench.memory:main", "print the analytic memory table of recipes"),
     "gpu-check": ("slimtrain.gpu_check:main", "measure every GPU goal in one prepared run (<= 9 min)"),
+    "export": ("slimtrain.titan_integration.export:main", "a run's newest checkpoint as a dense Hugging Face Llama"),
 }
 
 

@@ -9,7 +9,8 @@ time structure may change (the checkpointer caches the state-dict keys once, lat
   combinations fail here with the registry's message, before any model exists; so does tensor or
   pipeline parallelism with a parametrizing method (TP cannot shard parametrized Linears; PP
   splits the model into parts this integration does not wrap).
-- ``convert`` applies the parametrizations and wraps the model instance's ``init_weights``: the
+- ``convert`` applies the parametrizations through ``slimtrain.api.parametrize_model`` (the same
+  checks, model description and order as ``slimtrain.prepare``) and wraps the model instance's ``init_weights``: the
   model's own init runs inside ``composition.capture_init`` (so LoRA keeps it as its frozen W0),
   then ``composition.init_parametrized`` initializes the factors. That order matters because
   ``init_weights`` writes ``linear.weight`` with trunc_normal_, which under a parametrization goes
@@ -19,6 +20,7 @@ time structure may change (the checkpointer caches the state-dict keys once, lat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -60,10 +62,24 @@ class SlimtrainConverter:
                     f"--parallelism.tensor_parallel_degree 1 --parallelism.pipeline_parallel_degree 1"
                 )
         log.info("%s", self.composition.describe())
+        from slimtrain.titan_integration import run_record
+
+        try:
+            run_record.write(job_config, self.composition)  # what `slimtrain export` reads later
+        except (AttributeError, OSError) as exc:  # a partial job config (tests) or an unwritable folder
+            log.warning("slimtrain: no %s written (%s): `slimtrain export` will not find this run", run_record.RECORD, exc)
 
     def convert(self, model: nn.Module) -> None:
+        from slimtrain.api import parametrize_model
+        from slimtrain.titan_integration.flavors import FLAVORS, describe
+
         comp = self.composition
-        fqns = comp.apply_parametrizations(model)
+        args = getattr(model, "model_args", None) or FLAVORS.get(self.job_config.model.flavor)
+        desc = describe(args) if args is not None else None
+        embeddings = getattr(model, "tok_embeddings", None)
+        if desc is not None and isinstance(embeddings, nn.Embedding):  # the vocabulary the model was built with
+            desc = dataclasses.replace(desc, vocab_size=embeddings.num_embeddings)
+        fqns = parametrize_model(model, comp, desc)
         context.current().parametrized = list(fqns)
         if fqns:
             log.info("slimtrain: parametrized %d Linear weights (e.g. %s)", len(fqns), fqns[0])

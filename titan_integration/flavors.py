@@ -103,6 +103,16 @@ def _args(shape: PaperShape, vocab_size: int) -> TransformerModelArgs:
     )
 
 
+def describe(args: TransformerModelArgs):
+    """The ``ModelDescription`` of a model built from ``args`` (what methods read as ``method.model``)."""
+    from slimtrain.registry import ModelDescription
+
+    return ModelDescription(
+        hidden_size=args.dim, num_heads=args.n_heads, num_layers=args.n_layers, vocab_size=args.vocab_size,
+        num_kv_heads=args.n_kv_heads or args.n_heads, source="torchtitan args",
+    )
+
+
 def build_flavors() -> dict[str, TransformerModelArgs]:
     flavors = {name: _args(shape, PAPER_VOCAB) for name, shape in PAPER_SHAPES.items()}
     flavors["tiny"] = _args(TINY, TINY_VOCAB)
