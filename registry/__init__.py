@@ -27,6 +27,7 @@ from slimtrain.registry.method import (
     ParamSpec,
     Requirement,
     StepContext,
+    TrainerSettings,
 )
 from slimtrain.registry.parametrization import FactorizedParametrization, LinearParametrization
 from slimtrain.registry.targets import DEFAULT_TARGETS
@@ -49,6 +50,7 @@ __all__ = [
     "Requirement",
     "SlimtrainError",
     "StepContext",
+    "TrainerSettings",
     "check_choice",
     "check_range",
     "compose",

@@ -160,20 +160,13 @@ def test_per_layer_under_fsdp2_equals_the_plain_unsharded_step(runs, recipe, wor
 
 # -- bad input --------------------------------------------------------------------------------------
 def test_global_clipping_is_refused_with_the_alternative():
-    from slimtrain.plugins.per_layer_updates import check_trainer
-    from slimtrain.registry import ConfigError
+    from slimtrain.registry import ConfigError, TrainerSettings, compose
 
+    comp = compose(["adamw", "per_layer_updates"], {})
     with pytest.raises(ConfigError, match=r"\[per_layer_updates\] training.max_norm = 1.0.*max_norm = 0.*per_parameter"):
-        check_trainer(max_norm=1.0, grad_accumulation_steps=1)
-    check_trainer(max_norm=0.0, grad_accumulation_steps=1)
-
-
-def test_gradient_accumulation_is_refused():
-    from slimtrain.plugins.per_layer_updates import check_trainer
-    from slimtrain.registry import ConfigError
-
-    with pytest.raises(ConfigError, match=r"\[per_layer_updates\] gradient accumulation steps = 4"):
-        check_trainer(max_norm=0.0, grad_accumulation_steps=4)
+        comp.check_trainer(TrainerSettings(max_norm=1.0))
+    for no_clipping in (0.0, -1.0, float("inf")):
+        comp.check_trainer(TrainerSettings(max_norm=no_clipping, grad_accumulation_steps=4))
 
 
 @pytest.mark.parametrize("key,value", [("clip", "global"), ("max_norm", 0), ("max_norm", float("inf"))])
