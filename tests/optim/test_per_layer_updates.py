@@ -195,5 +195,45 @@ def test_per_parameter_clipping_bounds_each_update_input():
     assert len(seen) == 4 and max(seen) <= 0.01 * (1 + 1e-5)
 
 
+# -- gradient accumulation ----------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["adamw", "galore_8bit_reset"])
+def test_accumulated_per_layer_step_equals_the_plain_accumulated_step(recipe):
+    """Three micro-batches per step: the per-layer step comes after the last one, gradients (the
+    accumulation buffers) alive until then, and the result equals the plain accumulated step bitwise."""
+    from torch import nn
+
+    from slimtrain.registry import OptimizerHyper, StepContext, TrainerSettings, compose
+
+    k = 3
+    results = {}
+    for per_layer in (False, True):
+        methods, sections = RECIPES[recipe]
+        comp = compose([*methods, *(["per_layer_updates"] if per_layer else [])], sections)
+        model = build_model(comp, TINY, world=1, shard=False, seed_label="per-layer-accumulation")
+        opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=LR, weight_decay=0.1))
+        if comp.codec_method is not None:
+            opt.install_codec(comp.state_codec())
+        if per_layer:
+            comp.stepper_method.attach_stepper(opt, TrainerSettings(grad_accumulation_steps=k))
+        data = torch.randint(0, TINY["vocab_size"], (k * STEPS, 2, 12), generator=torch.Generator().manual_seed(3))
+        for step in range(STEPS):
+            for micro in range(k):
+                x = data[step * k + micro]
+                loss = nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()) / k
+                loss.backward()
+                alive = sum(p.grad is not None for p in model.parameters())
+                if per_layer and micro == k - 1:
+                    assert alive == 0, "the last micro-batch's backward steps and frees every gradient"
+                else:
+                    assert alive == sum(1 for _ in model.parameters()), "accumulating: every gradient alive"
+            opt.step()
+            opt.zero_grad()
+            comp.after_step(StepContext(opt.global_step, [model], [opt]))
+        assert opt.global_step == STEPS
+        results[per_layer] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in results[False].items():
+        assert torch.equal(results[True][name], value), name
+
+
 if __name__ == "__main__":
     worker()
