@@ -263,10 +263,12 @@ def peak_phases(
             b = _block_of(spec.name)
             grads_by_block[b] = grads_by_block.get(b, 0) + spec.numel * bpe
     alone: dict[str, int] = {}  # per-layer: one parameter's gradient + its step workspace
+    workspace: dict[str, int] = {}  # ... its step workspace alone (its gradient already counted)
     if per_layer:
         for rule, group in rules:
             for spec in group:
-                alone[spec.name] = spec.numel * bpe + step_workspace_bytes(rule, [spec], codec=codec, bytes_per_element=bpe)
+                workspace[spec.name] = step_workspace_bytes(rule, [spec], codec=codec, bytes_per_element=bpe)
+                alone[spec.name] = spec.numel * bpe + workspace[spec.name]
 
     accumulated = 0  # gradients kept between micro-batches (accumulation buffers), alive through backward
     if grad_accumulation_steps > 1:
@@ -281,7 +283,8 @@ def peak_phases(
         recompute = s.block - s.block_input if ckpt[i] else 0
         inner = remaining + recompute + s.swiglu_backward
         if per_layer:
-            in_block = [v for n, v in alone.items() if _block_of(n) == i]
+            step_of = workspace if accumulated else alone  # accumulating: the gradient is in `accumulated`
+            in_block = [v for n, v in step_of.items() if _block_of(n) == i]
             phases[f"block {i}"] = inner + accumulated + (max(in_block) if in_block else 0)
         else:
             phases[f"block {i}"] = inner + max(grads, accumulated)
@@ -289,7 +292,8 @@ def peak_phases(
         remaining -= kept[i]
     if per_layer:
         if OUTPUT in alone:
-            phases[f"step {OUTPUT}"] = activations - logits + alone[OUTPUT] + accumulated
+            own = workspace[OUTPUT] + accumulated if accumulated else alone[OUTPUT]
+            phases[f"step {OUTPUT}"] = activations - logits + own
         if EMBEDDING in alone:
             phases[f"step {EMBEDDING}"] = alone[EMBEDDING]
     else:
