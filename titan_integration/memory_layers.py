@@ -78,5 +78,4 @@ def build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=No
             opt.install_codec(codec)
         if stepper is not None:
             container.steppers.append(stepper.attach_stepper(opt, settings))
-    container.per_layer_steppers = container.steppers  # older name
     return container
