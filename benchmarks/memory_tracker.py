@@ -91,9 +91,7 @@ def _snap(tracker, kind: str = "current") -> dict[str, int]:
 
 def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
     """The flavor's model with the composition applied, its composed optimizer and memory layers."""
-    from slimtrain.plugins.per_layer_updates import PerLayerStepper
-    from slimtrain.plugins.state_8bit import install_codec
-    from slimtrain.registry import OptimizerHyper, compose
+    from slimtrain.registry import OptimizerHyper, TrainerSettings, compose
     from slimtrain.titan_integration.activation_checkpointing import apply_activation_checkpointing
     from slimtrain.titan_integration.flavors import build_model
 
@@ -104,9 +102,9 @@ def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
     comp.init_parametrized(model)
     apply_activation_checkpointing(model, ac)
     opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=1e-3))
-    if "state_8bit" in methods:
-        install_codec(opt, comp.method("state_8bit").codec())
-    stepper = PerLayerStepper(opt) if "per_layer_updates" in methods else None
+    if comp.codec_method is not None:  # the memory layers, as the trainer installs them
+        opt.install_codec(comp.state_codec())
+    stepper = comp.stepper_method.attach_stepper(opt, TrainerSettings()) if comp.stepper_method else None
     return comp, model, opt, stepper
 
 

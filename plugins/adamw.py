@@ -38,8 +38,17 @@ class AdamWRule(UpdateRule):
         return [
             StateSpec("step", (), torch.float32, OnReset.ZERO, host=host, counter=True),
             StateSpec("exp_avg", spec.shape, None, OnReset.ZERO, moment=True, layout=layout),
-            StateSpec("exp_avg_sq", spec.shape, None, OnReset.ZERO, moment=True, layout=layout),
+            StateSpec("exp_avg_sq", spec.shape, None, OnReset.ZERO, moment=True, non_negative=True, layout=layout),
         ]
+
+    def step_temporaries(self, specs: list[ParamSpec]) -> int:
+        """Elements torch's Adam allocates stepping ``specs`` at once (the device memory model):
+        ``foreach``: one group-sized ``exp_avg_sq.sqrt()``; ``for-loop``: one parameter's; ``fused``: none."""
+        if self.implementation == "fused":
+            return 0
+        if self.implementation == "foreach":
+            return sum(s.numel for s in specs)
+        return max(s.numel for s in specs)
 
     def step(self, params: list[RuleParam], info: StepInfo) -> None:
         from torch.optim.adam import adam

@@ -160,7 +160,7 @@ class ApolloRule(UpdateRule):
             StateSpec("step", (), torch.float32, OnReset.ZERO, host=True, counter=True),
             StateSpec("proj", (m, r) if left else (r, n), torch.float32, OnReset.KEEP),
             StateSpec("exp_avg", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
-            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
+            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, non_negative=True, layout=layout),
         ]
         if self.limiter:
             specs.append(StateSpec("limiter_prev", (), torch.float32, OnReset.INIT, init_value=-1.0))

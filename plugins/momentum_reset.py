@@ -78,12 +78,11 @@ class MomentumReset(Method):
         )
 
     def chosen_params(self, model_parts: Iterable) -> list[torch.Tensor]:
-        from slimtrain.registry.composition import Composition
+        from slimtrain.registry.composition import model_param_specs
 
-        probe = Composition(methods=[])
         out = []
         for model in model_parts or ():
-            for spec, param in probe.param_specs(model):
+            for spec, param in model_param_specs(model):
                 if self.selects(spec):
                     out.append(param)
         return out

@@ -11,13 +11,22 @@ parameter, which FSDP2 calls after the reduce-scatter with the reduced shard as 
 (momentum reset, refactorization) run after it as before. Every rule must work on a list of one
 parameter (the update-rule contract); 8-bit state composes (the codec is per parameter).
 
-What it cannot honour, refused before training, naming the method, the key and the value:
-* global-norm gradient clipping (``training.max_norm``): the global norm needs every gradient at
-  once. Set ``training.max_norm = 0`` (none) and, if wanted, ``[per_layer_updates] clip =
-  "per_parameter"`` with ``max_norm``: each parameter's gradient clipped to that norm on its own.
-* gradient accumulation (more than one micro-batch per step): the hook would update on every
-  micro-batch. Use a larger local batch (with activation checkpointing) instead.
-* an optimizer method whose rule declares no state (its per-parameter step is not defined).
+Gradient accumulation (k micro-batches per step): the hook lets the first k - 1 backward passes
+accumulate into the parameter's gradient as without per-layer updates (autograd, or FSDP2 adding the
+reduced shard), and steps the parameter at its k-th hook, i.e. after the LAST micro-batch of the step,
+so the step equals the plain accumulated step. The accumulation buffer is the parameter's gradient
+(alive for every parameter between micro-batches: the memory models count it); the update itself,
+its decoded state and workspace stay one parameter at a time. A parameter whose k-th hook never came
+(unused in a micro-batch) is stepped by the trainer's ``optimizer.step()``, which steps whatever still
+has a gradient; the counts restart after every step (and so after a resume).
+
+It declares ``Capability.STEPPER`` (it decides when the composed optimizer steps) with
+``steps_in_backward``; the trainer calls ``attach_stepper`` on every built optimizer.
+
+What it cannot honour, refused before training (``check_trainer``), naming the method, the key and
+the value: global-norm gradient clipping (``training.max_norm > 0``): the global norm needs every
+gradient at once. Use ``training.max_norm = 0`` (no clipping) and, if wanted, ``[per_layer_updates]
+clip = "per_parameter"`` with ``max_norm``: each parameter's gradient clipped to that norm on its own.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import math
 
 import torch
 
-from slimtrain.registry import ConfigError, Method, hookimpl
+from slimtrain.registry import Capability, ConfigError, Method, TrainerSettings, hookimpl
 
 NAME = "per_layer_updates"
 CLIPS = ("none", "per_parameter")
@@ -47,39 +56,15 @@ class PerLayerUpdatesConfig:
             raise ConfigError(f"[{NAME}] max_norm = {self.max_norm!r}; allowed: a finite number > 0")
 
 
-def check_trainer(*, max_norm: float, grad_accumulation_steps: int) -> None:
-    """Refuse trainer settings per-layer updates cannot honour (see the module docstring)."""
-    if max_norm and max_norm > 0 and math.isfinite(max_norm):
-        raise ConfigError(
-            f"[{NAME}] training.max_norm = {max_norm!r}: global-norm clipping needs every gradient at once, "
-            f"which per-layer updates free as they go; set training.max_norm = 0 (no global clipping) and, "
-            f"for clipping, [{NAME}] clip = \"per_parameter\" with max_norm = <bound per parameter>"
-        )
-    if grad_accumulation_steps != 1:
-        raise ConfigError(
-            f"[{NAME}] gradient accumulation steps = {grad_accumulation_steps} (training.global_batch_size / "
-            f"local_batch_size / data-parallel ranks): per-layer updates step on every backward; use "
-            f"global_batch_size = -1 (one micro-batch per step) and a larger local_batch_size"
-        )
-
-
-def check_rules_declare_state(composition) -> None:
-    """Refuse an optimizer method whose rule declares no state."""
-    from slimtrain.registry.update_rule import UpdateRule
-
-    for m in composition.optimizer_methods:
-        if type(m.update_rule()).state_specs is UpdateRule.state_specs:
-            raise ConfigError(
-                f"[{NAME}] optimizer method {m.name!r} declares no state (its update rule has no state_specs): "
-                f"per-layer updates step rules one parameter at a time through their declared state"
-            )
-
-
 class PerLayerStepper:
     """The installed hooks of one composed optimizer (``remove()`` takes them off)."""
 
-    def __init__(self, optimizer, clip: str = "none", max_norm: float = 1.0, *, track: bool = False) -> None:
+    def __init__(
+        self, optimizer, clip: str = "none", max_norm: float = 1.0, *, accumulation_steps: int = 1, track: bool = False,
+    ) -> None:
         self.optimizer = optimizer
+        self.accumulation_steps = int(accumulation_steps)
+        self._seen: dict[int, int] = {}  # id(param) -> backward passes that reached it this step
         self.track = track  # count live gradients at each hook (tests; O(parameters) per hook)
         self.clip = clip
         self.max_norm = float(max_norm)
@@ -88,11 +73,17 @@ class PerLayerStepper:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         for p in self._params:
             self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self.handles.append(optimizer.register_step_post_hook(lambda *_: self._seen.clear()))
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
+        seen = self._seen.get(id(p), 0) + 1
+        if seen < self.accumulation_steps:
+            self._seen[id(p)] = seen  # keep accumulating: the step comes after the last micro-batch
+            return
+        self._seen[id(p)] = 0
         if self.track:
             self.live_grads_seen = max(self.live_grads_seen, sum(q.grad is not None for q in self._params))
         if self.clip == "per_parameter":
@@ -107,15 +98,30 @@ class PerLayerStepper:
 
 
 class PerLayerUpdates(Method):
-    """Marker method: the trainer installs ``PerLayerStepper`` on each composed optimizer."""
+    """A memory layer: ``PerLayerStepper`` decides when each parameter steps (in backward)."""
 
     name = NAME
     Config = PerLayerUpdatesConfig
-    provides = frozenset()
+    provides = frozenset({Capability.STEPPER})
+    steps_in_backward = True
     summary = "each parameter updated in backward as its gradient is ready, gradient freed (no gradient memory)"
 
+    def check_trainer(self, settings: TrainerSettings) -> None:
+        if settings.clips:
+            raise ConfigError(
+                f"[{NAME}] training.max_norm = {settings.max_norm!r}: global-norm clipping needs every gradient "
+                f"at once, which per-layer updates free as they go; set training.max_norm = 0 (no clipping) "
+                f"and, for clipping, [{NAME}] clip = \"per_parameter\" with max_norm = <bound per parameter>"
+            )
+
+    def attach_stepper(self, optimizer, settings: TrainerSettings) -> PerLayerStepper:
+        return PerLayerStepper(
+            optimizer, self.config.clip, self.config.max_norm, accumulation_steps=settings.grad_accumulation_steps,
+        )
+
     def attach(self, optimizer) -> PerLayerStepper:
-        return PerLayerStepper(optimizer, self.config.clip, self.config.max_norm)
+        """``attach_stepper`` without accumulation (kept for scripts and tests)."""
+        return self.attach_stepper(optimizer, TrainerSettings())
 
 
 @hookimpl

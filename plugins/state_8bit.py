@@ -7,18 +7,19 @@ step counts and other non-moment state stay in full precision; so do 1-D moments
 biases: a negligible share, and a 1-D "rows" shard under FSDP2 would split blocks across ranks).
 
 Stored per moment ``<name>``: ``<name>_q8`` (uint8 codes, the moment's shape and layout) and
-``<name>_absmax`` (fp32, ``shape[:-1] + (n_blocks,)``, row-sharded like it). First moments use the
-signed map, second moments (names ending in ``exp_avg_sq`` or ``v``: the only unsigned moments the
-built-in rules declare) the unsigned map applied to ``sqrt(v)``: the update reads ``sqrt(v)``, and
-``v`` spans twice the orders of magnitude of ``sqrt(v)``, so quantizing ``v`` itself rounds more small
-entries to 0, where ``m / (sqrt(v) + eps)`` blows up (``benchmarks/quant8_error.py`` measures both).
-A rule names non-negative moments per ``UNSIGNED``. Plain tensors (DTensors under FSDP2), so DCP saves and reshards them and a resume
-is bitwise: the codes and scales are the state.
+``<name>_absmax`` (fp32, ``shape[:-1] + (n_blocks,)``, row-sharded like it). Moments declared
+``non_negative=True`` (second moments) use the unsigned map applied to ``sqrt(v)``: the update reads
+``sqrt(v)``, and ``v`` spans twice the orders of magnitude of ``sqrt(v)``, so quantizing ``v`` itself
+rounds more small entries to 0, where ``m / (sqrt(v) + eps)`` blows up (``benchmarks/quant8_error.py``
+measures both); the others the signed map. Nothing is inferred from key names. A moment whose rows
+are so short that codes plus one scale per row cost more than 2 bytes per element (APOLLO-Mini's
+m x 1 moments: 5) is not served: it stays in full precision. Plain tensors (DTensors under FSDP2),
+so DCP saves and reshards them and a resume is bitwise: the codes and scales are the state.
 
-How it is installed: ``install_codec(optimizer, codec)`` on a built ``ComposedOptimizer`` re-encodes
-the state the optimizer created and sets its codec (titan_integration/memory_layers.py does it for
-the trainer). Bad input (block_size <= 0, an unknown map, a composition whose optimizer rules
-declare no moment) is refused before training, naming ``state_8bit``, the key and the value.
+How it is installed: it declares ``Capability.STATE_CODEC``; the trainer installs ``state_codec()``
+on every built ``ComposedOptimizer`` (``ComposedOptimizer.install_codec``), and the memory models read
+its ``stored_bytes`` / ``coding_bytes``. Bad input (block_size <= 0, an unknown map) is refused when
+the recipe is composed; a rule that declares no state by the composition, before any model.
 """
 
 from __future__ import annotations
@@ -27,14 +28,12 @@ import dataclasses
 
 import torch
 
-from slimtrain.registry import ConfigError, Method, hookimpl
+from slimtrain.registry import Capability, ConfigError, Method, hookimpl
 from slimtrain.registry.composed_optimizer import StateCodec
 from slimtrain.registry.quant8 import MAPS, dequantize, quantize
 from slimtrain.registry.update_rule import StateSpec
 
 NAME = "state_8bit"
-#: declaration names stored with the unsigned map (non-negative moments)
-UNSIGNED = ("exp_avg_sq", "v", "second_moment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +48,15 @@ class State8bitConfig:
             raise ConfigError(f"[{NAME}] map = {self.map!r}; allowed: {', '.join(MAPS)}")
 
 
-def quantized(decl: StateSpec) -> bool:
-    """Whether ``state_8bit`` stores this declaration quantized."""
-    return decl.moment and len(decl.shape) >= 2
+def quantized(decl: StateSpec, block_size: int = 256) -> bool:
+    """Whether ``state_8bit`` stores this declaration quantized: a 2-D+ moment whose codes and block
+    scales cost at most 2 bytes per element (the most compact full precision)."""
+    if not (decl.moment and len(decl.shape) >= 2):
+        return False
+    from slimtrain.registry.quant8 import n_blocks
 
-
-def is_unsigned(decl: StateSpec) -> bool:
-    return decl.name in UNSIGNED or decl.name.endswith("exp_avg_sq")
+    last = decl.shape[-1]
+    return last + 4 * n_blocks(last, block_size) <= 2 * last
 
 
 class Quant8Codec(StateCodec):
@@ -66,19 +67,22 @@ class Quant8Codec(StateCodec):
         self.block_size = block_size
         self.kind = kind
 
+    def serves(self, decl: StateSpec) -> bool:
+        return quantized(decl, self.block_size)
+
     def stored_keys(self, decl: StateSpec) -> tuple[str, ...]:
-        if not quantized(decl):
+        if not self.serves(decl):
             return (decl.name,)
         return (f"{decl.name}_q8", f"{decl.name}_absmax")
 
     def encode(self, decl: StateSpec, value: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        if not quantized(decl):
+        if not self.serves(decl):
             state[decl.name] = value
             return
         from slimtrain.registry.tensors import is_dtensor, local_tensor
 
         local = local_tensor(value)
-        unsigned = is_unsigned(decl)  # stored as sqrt(v): the update reads sqrt(v), and its range is half v's
+        unsigned = decl.non_negative  # stored as sqrt(v): the update reads sqrt(v), and its range is half v's
         codes, scales = quantize(local, signed=not unsigned, kind=self.kind, block_size=self.block_size, sqrt=unsigned)
         ckey, skey = self.stored_keys(decl)
         old_c, old_s = state.get(ckey), state.get(skey)
@@ -91,13 +95,13 @@ class Quant8Codec(StateCodec):
         state[ckey], state[skey] = codes, scales
 
     def decode(self, decl: StateSpec, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if not quantized(decl):
+        if not self.serves(decl):
             return state[decl.name]
         from slimtrain.registry.tensors import is_dtensor, local_tensor
 
         ckey, skey = self.stored_keys(decl)
         codes = state[ckey]
-        unsigned = is_unsigned(decl)
+        unsigned = decl.non_negative
         out = dequantize(
             local_tensor(codes), local_tensor(state[skey]), signed=not unsigned, kind=self.kind,
             block_size=self.block_size, dtype=dtype, square=unsigned,
@@ -105,6 +109,39 @@ class Quant8Codec(StateCodec):
         if is_dtensor(codes):
             out = _like(codes, out, decl.shape)
         return out
+
+
+    def stored_bytes(self, decl: StateSpec, bytes_per_element: int) -> int:
+        """One uint8 code per element and one fp32 scale per block of each row."""
+        rows = decl.numel // decl.shape[-1]
+        return decl.numel + 4 * rows * _nb(decl, self)
+
+    def coding_bytes(self, decl: StateSpec, bytes_per_element: int) -> int:
+        """What ``slimtrain.registry.quant8`` holds at once encoding or decoding one moment. It works
+        ``CHUNK_ELEMENTS`` at a time (whole rows), so beyond the new codes and scales only one chunk's
+        temporaries of c elements are alive: the normalized fp32 blocks, their absolute values, the
+        uint8 codes, the int64 lower codes and the gathered midpoints (21c), the fp32 copy being
+        encoded (``sqrt(v)``, or the fp32 copy of a non-fp32 moment: 4c), rows zero-padded to whole
+        blocks (4 bytes per padded element); decoding holds the int64 indices and gathered values (12c)."""
+        from slimtrain.registry.quant8 import CHUNK_ELEMENTS, n_blocks
+
+        n, last = decl.numel, decl.shape[-1]
+        rows = n // last
+        chunk_rows = min(rows, max(1, CHUNK_ELEMENTS // last))
+        c = chunk_rows * last
+        cp = chunk_rows * n_blocks(last, self.block_size) * self.block_size  # padded to whole blocks
+        copy = ENCODE_COPY_BYTES * c if (decl.non_negative or bytes_per_element != 4) else 0
+        padded = 4 * cp if cp > c else 0
+        scales = 4 * rows * n_blocks(last, self.block_size)
+        encode = n + scales + copy + padded + ENCODE_BYTES * cp
+        decode = max(DECODE_BYTES * c, 4 * c + padded)
+        return max(encode, decode)
+
+
+#: bytes per element of one chunk ``slimtrain.registry.quant8`` holds while encoding / decoding
+ENCODE_BYTES = 21
+ENCODE_COPY_BYTES = 4
+DECODE_BYTES = 12
 
 
 def _nb(decl: StateSpec, codec: Quant8Codec) -> int:
@@ -123,44 +160,23 @@ def _like(ref: torch.Tensor, local: torch.Tensor, global_shape: tuple[int, ...])
 
 
 def install_codec(optimizer, codec: StateCodec) -> int:
-    """Store ``optimizer``'s (a ``ComposedOptimizer``) moments through ``codec`` from now on:
-    re-encode the state it holds and set its codec. Returns how many tensors are now encoded."""
-    if getattr(optimizer, "codec", None) is not None:
-        raise ConfigError(f"[{NAME}] the optimizer already stores its state through {type(optimizer.codec).__name__}")
-    n = 0
-    for p, decls in optimizer.declared.items():
-        state = optimizer.state[p]
-        for decl in decls:
-            if decl.moment:
-                value = state.pop(decl.name)
-                codec.encode(decl, value, state)
-                n += quantized(decl)
-    optimizer.codec = codec
-    return n
-
-
-def check_declares_moments(composition) -> None:
-    """Refuse a composition whose optimizer rules declare no moment (nothing to store in 8 bits)."""
-    from slimtrain.registry.update_rule import UpdateRule
-
-    for m in composition.optimizer_methods:
-        rule = m.update_rule()
-        if type(rule).state_specs is UpdateRule.state_specs:
-            raise ConfigError(
-                f"[{NAME}] optimizer method {m.name!r} declares no state (its update rule has no state_specs); "
-                f"{NAME} stores only declared moments"
-            )
+    """``optimizer.install_codec(codec)`` (kept for scripts and tests that build optimizers by hand)."""
+    return optimizer.install_codec(codec)
 
 
 class State8bit(Method):
-    """Marker method: the trainer installs ``Quant8Codec`` on the composed optimizer."""
+    """A memory layer: the composed optimizer stores the moments through ``Quant8Codec``."""
 
     name = NAME
     Config = State8bitConfig
-    provides = frozenset()
+    provides = frozenset({Capability.STATE_CODEC})
     summary = "optimizer moments stored block-wise in 8 bits (uint8 codes + fp32 absmax per block)"
 
+    def state_codec(self) -> Quant8Codec:
+        return Quant8Codec(self.config.block_size, self.config.map)
+
     def codec(self) -> Quant8Codec:
+        """``state_codec()`` (older name, kept for scripts)."""
         return Quant8Codec(self.config.block_size, self.config.map)
 
 

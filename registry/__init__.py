@@ -27,6 +27,7 @@ from slimtrain.registry.method import (
     ParamSpec,
     Requirement,
     StepContext,
+    TrainerSettings,
 )
 from slimtrain.registry.model_description import ModelDescription, infer_description
 from slimtrain.registry.parametrization import FactorizedParametrization, LinearParametrization
@@ -51,6 +52,7 @@ __all__ = [
     "Requirement",
     "SlimtrainError",
     "StepContext",
+    "TrainerSettings",
     "check_choice",
     "check_range",
     "compose",

@@ -19,8 +19,11 @@ rule must see the same hyperparameters and the same true step.
 * ``reset_state(params)`` applies each declaration's ``OnReset`` (momentum reset knows no key names).
 * ``step_params(params)`` steps just those parameters as part of step ``global_step + 1``;
   ``finish_step()`` then counts the step (per-layer updates); ``step()`` is both.
-* A ``StateCodec`` may store ``moment=True`` state encoded (8-bit state); the rule always sees the
-  declared dtype. Without one (the default) the rule works on the stored tensors directly.
+* A ``StateCodec`` may store the declarations it ``serves`` encoded (8-bit state); the rule always
+  sees the declared dtype. Without one (the default) the rule works on the stored tensors directly.
+  With one, a parameter whose state it serves is decoded, stepped and re-encoded on its own (a list
+  of one for the rule), so at most one parameter's state exists decoded at a time; parameters with
+  no served state are still stepped together (foreach batching).
 """
 
 from __future__ import annotations
@@ -40,11 +43,18 @@ STEP_KEY = "global_step"
 
 
 class StateCodec:
-    """How ``moment=True`` state is stored (identity here; 8-bit codecs subclass it).
+    """How declared state is stored (identity here; a STATE_CODEC method returns a subclass from
+    ``Method.state_codec``, e.g. ``state_8bit``'s 8-bit codes).
 
-    ``encode`` turns the declared-dtype value into the tensors stored in ``optimizer.state[param]``
-    (keys of its choice, all tensors, so checkpoints save them); ``decode`` rebuilds the value from
-    the stored tensors. ``stored_keys`` names the keys ``encode`` writes for a declaration."""
+    ``serves`` says which declarations it stores (from the declaration alone: ``moment``,
+    ``non_negative``, the shape; never the key name); the rest stay as declared. ``encode`` turns the
+    declared-dtype value into the tensors stored in ``optimizer.state[param]`` (keys of its choice,
+    all tensors, so checkpoints save them); ``decode`` rebuilds the value; ``stored_keys`` names the
+    keys ``encode`` writes. The memory models read ``stored_bytes`` (what stays between steps) and
+    ``coding_bytes`` (what encoding or decoding one tensor holds at once, besides the decoded copy)."""
+
+    def serves(self, decl: StateSpec) -> bool:
+        return False
 
     def stored_keys(self, decl: StateSpec) -> tuple[str, ...]:
         return (decl.name,)
@@ -54,6 +64,14 @@ class StateCodec:
 
     def decode(self, decl: StateSpec, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return state[decl.name]
+
+    def stored_bytes(self, decl: StateSpec, bytes_per_element: int) -> int:
+        """Bytes kept for a served declaration between steps (default: the declared elements)."""
+        return decl.numel * bytes_per_element
+
+    def coding_bytes(self, decl: StateSpec, bytes_per_element: int) -> int:
+        """Transient bytes of encoding or decoding one served declaration (not its decoded copy)."""
+        return 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +128,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.codec = codec
         self.specs: dict[torch.Tensor, ParamSpec] = {}
         self.declared: dict[torch.Tensor, list[StateSpec]] = {}
-        self._checked: set[str] = set()
+        self._checked: set[tuple[str, bool]] = set()
         for group in self.param_groups:
             name = group.get("rule")
             if name not in self.rules:
@@ -128,11 +146,18 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 self._create_state(p)
 
     # -- state ----------------------------------------------------------------------------------
+    def coded(self, decl: StateSpec) -> bool:
+        """Whether ``decl`` is stored through the installed codec."""
+        return self.codec is not None and self.codec.serves(decl)
+
+    def _has_coded_state(self, p: torch.Tensor) -> bool:
+        return self.codec is not None and any(self.codec.serves(d) for d in self.declared[p])
+
     def _create_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
         for decl in self.declared[p]:
             value = make_state_tensor(p, decl)
-            if self.codec is not None and decl.moment:
+            if self.coded(decl):
                 self.codec.encode(decl, value, state)
             else:
                 state[decl.name] = value
@@ -144,7 +169,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             return state
         view = {}
         for decl in self.declared[p]:
-            if decl.moment:
+            if self.coded(decl):
                 view[decl.name] = self.codec.decode(decl, state, decl.dtype or p.dtype)
             else:
                 view[decl.name] = state[decl.name]
@@ -155,7 +180,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             return
         state = self.state[p]
         for decl in self.declared[p]:
-            if decl.moment:
+            if self.coded(decl):
                 self.codec.encode(decl, view[decl.name], state)
             else:
                 state[decl.name] = view[decl.name]
@@ -184,6 +209,25 @@ class ComposedOptimizer(torch.optim.Optimizer):
                         f"{dtype}, the rule left shape {tuple(value.shape)} dtype {value.dtype}"
                     )
 
+    def install_codec(self, codec: StateCodec) -> int:
+        """Store the declarations ``codec`` serves through it from now on: re-encode the state held
+        and set the codec (a STATE_CODEC method's, installed by the trainer after building the
+        optimizer). Returns how many tensors are now encoded."""
+        if self.codec is not None:
+            raise CompositionError(
+                f"the optimizer already stores its state through {type(self.codec).__name__}; "
+                f"a composition has at most one state codec"
+            )
+        n = 0
+        for p, decls in self.declared.items():
+            state = self.state[p]
+            for decl in decls:
+                if codec.serves(decl):
+                    codec.encode(decl, state.pop(decl.name), state)
+                    n += 1
+        self.codec = codec
+        return n
+
     # -- the true step --------------------------------------------------------------------------
     @property
     def global_step(self) -> int:
@@ -200,25 +244,28 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _step_group(self, gi: int, group: dict, params: Iterable[torch.Tensor]) -> None:
         name = group["rule"]
         rule = self.rules[name]
-        items = []
+        together, alone = [], []
         for pi, p in enumerate(group["params"]):
             if p.grad is None or (params is not None and p not in params):
                 continue
-            spec = self.specs[p]
-            items.append(RuleParam(spec.name, spec, p, p.grad, self._view(p), pi, gi))
-        if not items:
+            (alone if self._has_coded_state(p) else together).append((pi, p))
+        if not together and not alone:
             return
         info = StepInfo(
             step=self.global_step + 1, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
-        rule.step(items, info)
-        if self.codec is not None:
+        # coded state: one parameter decoded at a time, re-encoded before the next is decoded
+        for batch in ([together] if together else []) + [[x] for x in alone]:
+            items = [RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self._view(p), pi, gi) for pi, p in batch]
+            rule.step(items, info)
             for item in items:
                 self._store(item.param, item.state)
-        if name not in self._checked:
-            self._check_declared(name, items)
-            self._checked.add(name)
+            key = (name, batch is not together)
+            if key not in self._checked:
+                self._check_declared(name, items)
+                self._checked.add(key)
+            items = item = None  # the decoded copies go before the next parameter is decoded
 
     @torch.no_grad()
     def step_params(self, params: Iterable[torch.Tensor]) -> None:
@@ -282,14 +329,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _stored_decls(self, p: torch.Tensor) -> dict[str, StateSpec]:
         out = {}
         for decl in self.declared[p]:
-            keys = self.codec.stored_keys(decl) if (self.codec is not None and decl.moment) else (decl.name,)
+            keys = self.codec.stored_keys(decl) if self.coded(decl) else (decl.name,)
             for k in keys:
                 out[k] = decl
         return out
 
     def _placed(self, p: torch.Tensor, decl: StateSpec, key: str, value: torch.Tensor) -> torch.Tensor:
         fresh = self.state[p][key]  # torch's cast copy: right device, maybe wrong dtype
-        if self.codec is not None and decl.moment and key != decl.name:
+        if self.coded(decl) and key != decl.name:
             dtype = value.dtype  # codec-owned storage keeps its own dtypes
         else:
             dtype = decl.dtype or p.dtype

@@ -25,12 +25,35 @@ from typing import Any
 
 from slimtrain.registry.config import parse_config
 from slimtrain.registry.errors import CompositionError, ConfigError
-from slimtrain.registry.method import Capability, Method, OptimizerHyper, ParamSpec, StepContext
+from slimtrain.registry.method import Capability, Method, OptimizerHyper, ParamSpec, StepContext, TrainerSettings
 from slimtrain.registry.targets import probe_overlap
 
 DEFAULT_OPTIMIZER = "adamw"
 #: param-group keys the composition sets itself (the rule's name, the true step)
 RESERVED_GROUP_KEYS = ("params", "rule", "global_step")
+
+
+@dataclasses.dataclass
+class RoutingPlan:
+    """Which update rule steps each trainable parameter: the one routing every consumer reads (the
+    param groups and the optimizer, both memory models, the checks before the model). Built once per
+    composition and set of parameters (``Composition.routing``); its rules are the composition's own
+    (``Composition.rules``: one per optimizer method, built once, ``implementation`` set)."""
+
+    rules: dict[str, Any]  # optimizer method name -> its UpdateRule
+    owners: dict[str, str]  # parameter name -> the optimizer method that steps it
+    specs: list[ParamSpec]  # the trainable parameters, in model order
+
+    def rule_of(self, spec: ParamSpec):
+        return self.rules[self.owners[spec.name]]
+
+    def by_rule(self) -> list[tuple[Any, list[ParamSpec]]]:
+        """(rule, its parameters) per optimizer method that owns any, in first-seen order."""
+        out: dict[str, tuple[Any, list[ParamSpec]]] = {}
+        for spec in self.specs:
+            name = self.owners[spec.name]
+            out.setdefault(name, (self.rules[name], []))[1].append(spec)
+        return list(out.values())
 
 
 @dataclasses.dataclass
@@ -41,6 +64,9 @@ class Composition:
     default: Method | None = None  # the default optimizer method when ``methods`` lists none by name
     model: Any = None  # the ModelDescription of the model it trains (``describe_model``); None until set
     _specs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _rules: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _implementation: str = dataclasses.field(default="foreach", repr=False, compare=False)
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -86,6 +112,63 @@ class Composition:
                 f"both select {spec.name} (role {spec.role!r}); make their `targets` or `roles` disjoint"
             )
         return owners[0] if owners else self.default_optimizer
+
+    # -- memory layers --------------------------------------------------------------------------
+    @property
+    def codec_method(self) -> Method | None:
+        """The STATE_CODEC method (at most one: ``compose`` checks), if any."""
+        return next(iter(self.with_capability(Capability.STATE_CODEC)), None)
+
+    @property
+    def stepper_method(self) -> Method | None:
+        """The STEPPER method (at most one: ``compose`` checks), if any."""
+        return next(iter(self.with_capability(Capability.STEPPER)), None)
+
+    @property
+    def steps_in_backward(self) -> bool:
+        """Whether parameters are stepped inside backward, one at a time (memory models)."""
+        return self.stepper_method is not None and self.stepper_method.steps_in_backward
+
+    def state_codec(self):
+        """The codec every composed optimizer stores its state through (``None``: as declared)."""
+        return self.codec_method.state_codec() if self.codec_method is not None else None
+
+    def check_trainer(self, settings: TrainerSettings) -> None:
+        """Every method's ``check_trainer`` (trainer settings it cannot honour), before the model."""
+        for m in self.methods:
+            m.check_trainer(settings)
+
+    # -- routing: the rule of every parameter ---------------------------------------------------
+    @property
+    def implementation(self) -> str:
+        """The trainer's ``optimizer.implementation``, handed to every rule (``foreach`` default)."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        self._implementation = value
+        for rule in self._rules.values():
+            rule.implementation = value
+
+    @property
+    def rules(self) -> dict[str, Any]:
+        """One update rule per optimizer method (the default's included), built once, with its
+        owner's name and the trainer's implementation set."""
+        if not self._rules:
+            for m in [self.default_optimizer, *self.optimizer_methods]:
+                rule = _rule_of(m)
+                rule.implementation = self._implementation
+                self._rules[m.name] = rule
+        return self._rules
+
+    def routing(self, specs) -> RoutingPlan:
+        """The routing plan of the trainable ``specs`` (built once per set of parameters)."""
+        trainable = tuple(s for s in specs if s.trainable)
+        plan = self._plans.get(trainable)
+        if plan is None:
+            owners = {s.name: self.owner_of(s).name for s in trainable}
+            plan = self._plans[trainable] = RoutingPlan(self.rules, owners, list(trainable))
+        return plan
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -143,22 +226,8 @@ class Composition:
 
     def param_specs(self, model) -> list[tuple[ParamSpec, Any]]:
         """(spec, parameter) for every parameter of ``model``, with roles and owning methods."""
-        from slimtrain.registry.parametrization import canonical_name, parametrization_of, role_of
+        return model_param_specs(model)
 
-        marker = ".parametrizations.weight.original"
-        out = []
-        for name, param in model.named_parameters():
-            if marker in name:
-                module_name, local = name.split(".parametrizations.", 1)
-                local = "parametrizations." + local
-            else:
-                module_name, _, local = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            p = parametrization_of(module)
-            method = p.method if (p is not None and marker in name) else None
-            spec = _spec(canonical_name(module_name), local, param, module, method, role_of(local, module))
-            out.append((spec, param))
-        return out
 
     def param_groups(self, model) -> list[dict[str, Any]]:
         """Trainable parameters grouped by update rule (group key ``"rule"``) and by the options
@@ -169,18 +238,16 @@ class Composition:
         specs = self.param_specs(model)
         selected = {m.name: 0 for m in contributors}
         owned = {m.name: 0 for m in self.optimizer_methods}
-        checkers: dict[str, Any] = {}
+        plan = self.routing(spec for spec, param in specs if param.requires_grad)
         for spec, param in specs:
             if not param.requires_grad:
                 continue
-            owner = self.owner_of(spec)
-            if owner.name in owned:
-                owned[owner.name] += 1
-                if owner.name not in checkers:
-                    checkers[owner.name] = _rule_of(owner)
-                checkers[owner.name].check(spec)
+            owner = plan.owners[spec.name]
+            if owner in owned:
+                owned[owner] += 1
+                plan.rule_of(spec).check(spec)
             self._specs[param] = spec
-            options: dict[str, Any] = {"rule": owner.name}
+            options: dict[str, Any] = {"rule": owner}
             for m in contributors:
                 contributed = m.param_group_options(spec) or {}
                 selected[m.name] += bool(contributed)
@@ -212,23 +279,17 @@ class Composition:
         group stepped by its rule; the trainer's hyperparameters apply to every rule alike."""
         from slimtrain.registry.composed_optimizer import ComposedOptimizer
 
-        rules = {}
+        self.implementation = hyper.implementation
         for group in param_groups:
-            name = group.get("rule", DEFAULT_OPTIMIZER)
-            group["rule"] = name
-            if name not in rules:
-                method = self.default_optimizer if name == self.default_optimizer.name else self.method(name)
-                rule = _rule_of(method)
-                rule.implementation = hyper.implementation
-                rules[name] = rule
+            group["rule"] = group.get("rule", DEFAULT_OPTIMIZER)
         return ComposedOptimizer(
-            param_groups, rules=rules, specs=self._specs, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
+            param_groups, rules=self.rules, specs=self._specs, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
             weight_decay=hyper.weight_decay, codec=codec,
         )
 
     def rule_for(self, spec: ParamSpec):
         """The update rule that would update ``spec`` (memory estimate; no model needed)."""
-        return _rule_of(self.owner_of(spec))
+        return self.rules[self.owner_of(spec).name]
 
     def step_hooks(self) -> list[Method]:
         hooks = self.with_capability(Capability.STEP_HOOK)
@@ -249,6 +310,27 @@ class Composition:
         from slimtrain.registry.memory import estimate_memory
 
         return estimate_memory(self, weights, **kwargs)
+
+
+def model_param_specs(model) -> list[tuple[ParamSpec, Any]]:
+    """(spec, parameter) for every parameter of ``model``, with roles and owning methods (needs no
+    composition: the parametrizations on the model say which method made each original)."""
+    from slimtrain.registry.parametrization import canonical_name, parametrization_of, role_of
+
+    marker = ".parametrizations.weight.original"
+    out = []
+    for name, param in model.named_parameters():
+        if marker in name:
+            module_name, local = name.split(".parametrizations.", 1)
+            local = "parametrizations." + local
+        else:
+            module_name, _, local = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        p = parametrization_of(module)
+        method = p.method if (p is not None and marker in name) else None
+        spec = _spec(canonical_name(module_name), local, param, module, method, role_of(local, module))
+        out.append((spec, param))
+    return out
 
 
 def _rule_of(method: Method):
@@ -327,6 +409,7 @@ def compose(
     methods = [classes[n](parse_config(classes[n].Config, sections.get(n), n)) for n in names]
     _check_conflicts(methods)
     _check_requirements(methods, classes)
+    _check_memory_layers(methods)
     default = None
     if DEFAULT_OPTIMIZER not in names:
         cls = classes[DEFAULT_OPTIMIZER]
@@ -355,6 +438,30 @@ def _check_conflicts(methods: list[Method]) -> None:
                             f"{', '.join(dict.fromkeys(s.rsplit('.', 1)[-1] for s in shared))}; "
                             f"keep one or make their `targets` (or `roles`) disjoint"
                         )
+
+
+def _check_memory_layers(methods: list[Method]) -> None:
+    """At most one state codec and one stepper (who decides when the step happens); both serve only
+    rules that declare their state (a codec stores declarations, a stepper steps one parameter at a
+    time through them)."""
+    from slimtrain.registry.update_rule import UpdateRule
+
+    for cap, what in (
+        (Capability.STATE_CODEC, "both store the optimizer state (one state codec per composition)"),
+        (Capability.STEPPER, "both want to own when the optimizer step happens (one stepper per composition)"),
+    ):
+        layers = [m.name for m in methods if cap in m.provides]
+        if len(layers) > 1:
+            raise CompositionError(f"{layers[0]!r} and {layers[1]!r} {what}; keep one of them in methods")
+    layers = [m for m in methods if m.provides & {Capability.STATE_CODEC, Capability.STEPPER}]
+    for layer in layers:
+        for m in methods:
+            if Capability.OPTIMIZER in m.provides and type(m.update_rule()).state_specs is UpdateRule.state_specs:
+                role = "stores declared state" if Capability.STATE_CODEC in layer.provides else "steps rules one parameter at a time through their declared state"
+                raise ConfigError(
+                    f"[{layer.name}] optimizer method {m.name!r} declares no state (its update rule has no "
+                    f"state_specs): {layer.name} {role}; drop one of them from methods"
+                )
 
 
 def _roles_overlap(a: Sequence[str], b: Sequence[str]) -> bool:

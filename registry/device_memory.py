@@ -6,11 +6,14 @@ tests/methods/test_memory_tracker.py, docs/benchmarks/memory_model_vs_memtracker
 Conventions (the paper's, extended):
 * every weight, gradient and full-precision state element costs ``bytes_per_element`` (2, bf16);
   SLTrain's int64 support index and other buffers are the methods' own ``extra_bytes``;
-* optimizer state is what each parameter's own update rule declares; with ``state_8bit`` every
-  2-D+ ``moment=True`` declaration costs 1 byte per element plus a 4-byte scale per block
-  (``plugins/state_8bit.py``), other state (projections, 1-D moments) full precision;
-* gradients: one per trainable element, or with ``per_layer_updates`` only the largest trainable
-  parameter's (each gradient is freed by its update before the next is produced).
+* optimizer state is what each parameter's own update rule declares (the composition's routing
+  plan); with a state codec (a ``Capability.STATE_CODEC`` method, e.g. 8-bit state) every
+  declaration it ``serves`` costs the codec's own ``stored_bytes``, the rest full precision;
+* gradients: one per trainable element, or with a stepper that steps in backward
+  (``Method.steps_in_backward``, e.g. per-layer updates) only the largest trainable parameter's
+  (each gradient is freed by its update before the next is produced). With gradient accumulation
+  (``grad_accumulation_steps > 1``) every parameter's gradient is an accumulation buffer alive
+  between micro-batches, with or without such a stepper.
 
 Activations (``activations``: what backward keeps at the end of the forward and loss) of a LLaMA
 decoder at ``batch x seq_len`` tokens, ``act_bytes`` per element, as eager PyTorch saves them per
@@ -42,21 +45,15 @@ index, optimizer state, the model's small buffers excluded) plus what is alive t
 * ``step`` (without per-layer updates): every gradient plus the largest group's step workspace.
 
 Step workspace (what a rule's step allocates and frees; measured op by op with MemTracker):
-* a rule that steps its group with one torch ``foreach`` call (the default ``adamw`` rule: torch's
-  multi-tensor Adam) holds one temporary the size of the whole group (``exp_avg_sq.sqrt()``);
-  ``fused``: none; every other rule loops over its parameters and holds two temporaries the size
-  of one parameter (the full-size update and one product), or declares ``step_temporaries(specs)``
-  (elements) itself;
-* with ``state_8bit``, the composed optimizer decodes every quantized moment of the group before
-  the rule runs (``bytes_per_element`` each, kept through the step) and encodes them one at a time
-  after it; ``slimtrain.registry.quant8`` works through a moment ``CHUNK_ELEMENTS`` (4M) at a time, whole rows,
-  and holds the new uint8 codes (1n) and fp32 scales, plus one chunk's temporaries of c elements:
-  the normalized fp32 blocks, their absolute values, the uint8 codes, the int64 lower codes and the
-  gathered midpoints (21c), the fp32 copy being encoded (``sqrt(v)`` for second moments, or the fp32
-  copy of a non-fp32 moment: 4c) and, for rows padded to whole blocks, the padded blocks (4P, and
-  21 bytes per padded element); decoding holds the int64 code indices and the gathered values of a
-  chunk (12c). The workspace is the decoded moments plus the larger of the codec's transient and
-  the rule's temporaries.
+* a rule declares ``step_temporaries(specs)`` (elements it allocates stepping ``specs`` at once;
+  the default AdamW rule: one group-sized temporary with ``foreach``, none ``fused``); a rule that
+  does not loops over its parameters and holds two temporaries the size of one parameter (the
+  full-size update and one product);
+* with a state codec, the composed optimizer decodes, steps and re-encodes ONE parameter at a time
+  whose state it serves (parameters with no served state are stepped together): the workspace is
+  the largest of the batch's temporaries and, per coded parameter, its decoded state
+  (``bytes_per_element`` each) plus the larger of the codec's ``coding_bytes`` and the rule's
+  temporaries for that parameter.
 
 Not modelled (each below 2% at the measured sizes, or outside the issue's compositions): SLTrain's
 backward rebuilding its dense weight and that weight's gradient (two m x n transients, one layer at
@@ -77,16 +74,8 @@ from slimtrain.registry.method import ParamSpec
 
 AC_MODES = ("none", "selective", "full")
 DEVICES = ("cuda", "cpu")
-STATE_8BIT = "state_8bit"
-PER_LAYER = "per_layer_updates"
-DEFAULT_OPTIMIZER = "adamw"
 OUTPUT = "output.weight"
 EMBEDDING = "tok_embeddings.weight"
-#: bytes per element of one chunk ``slimtrain.registry.quant8`` holds while encoding (module docstring)
-ENCODE_BYTES = 21
-ENCODE_COPY_BYTES = 4
-#: ... and while decoding: the int64 code indices and the gathered fp32 values
-DECODE_BYTES = 12
 #: log-softmax of the loss: its saved output, the incoming and the outgoing gradient (fp32)
 LOSS_LOGIT_COPIES = 3
 
@@ -114,52 +103,37 @@ class DeviceMemory:
         return self.static + self.activations
 
 
-def _block_size(composition) -> int | None:
-    if STATE_8BIT not in composition.method_names:
-        return None
-    return int(composition.method(STATE_8BIT).config.block_size)
-
-
 def _rules(composition, specs: Iterable[ParamSpec]) -> list[tuple[object, list[ParamSpec]]]:
-    """(rule, its trainable parameters) per optimizer method, in the composition's order."""
-    out: dict[str, tuple[object, list[ParamSpec]]] = {}
-    for spec in specs:
-        if not spec.trainable:
-            continue
-        owner = composition.owner_of(spec)
-        if owner.name not in out:
-            out[owner.name] = (owner.update_rule(), [])
-        out[owner.name][1].append(spec)
-    return list(out.values())
+    """(rule, its trainable parameters) per optimizer method: the composition's routing plan."""
+    return composition.routing(specs).by_rule()
 
 
-def _quantized(decl, block: int | None) -> bool:
-    return block is not None and decl.moment and len(decl.shape) >= 2
-
-
-def _state_bytes(decl, block: int | None, bytes_per_element: int) -> int:
+def _state_bytes(decl, codec, bytes_per_element: int) -> int:
     if not decl.shape:
         return 0  # scalars: bookkeeping (the paper's model does not count them)
-    if _quantized(decl, block):
-        rows = decl.numel // decl.shape[-1]
-        return decl.numel + 4 * rows * math.ceil(decl.shape[-1] / block)
+    if codec is not None and codec.serves(decl):
+        return codec.stored_bytes(decl, bytes_per_element)
     return decl.numel * bytes_per_element
 
 
 def optimizer_state_bytes(composition, specs: Iterable[ParamSpec], *, bytes_per_element: int = 2) -> int:
-    """Declared state of every trainable parameter's own rule, 8-bit where ``state_8bit`` stores it."""
-    block = _block_size(composition)
+    """Declared state of every trainable parameter's own rule, as the state codec (if any) stores it."""
+    codec = composition.state_codec()
     return sum(
-        _state_bytes(decl, block, bytes_per_element)
+        _state_bytes(decl, codec, bytes_per_element)
         for rule, group in _rules(composition, specs) for spec in group for decl in rule.state_specs(spec)
     )
 
 
-def gradient_bytes(composition, specs: Iterable[ParamSpec], *, bytes_per_element: int = 2) -> int:
+def gradient_bytes(
+    composition, specs: Iterable[ParamSpec], *, bytes_per_element: int = 2, grad_accumulation_steps: int = 1,
+) -> int:
+    """Gradients alive at once: all of them, or the largest one when a stepper steps in backward
+    without accumulation (with accumulation every gradient is a buffer kept between micro-batches)."""
     trainable = [s.numel for s in specs if s.trainable]
     if not trainable:
         return 0
-    if PER_LAYER in composition.method_names:
+    if composition.steps_in_backward and grad_accumulation_steps <= 1:
         return max(trainable) * bytes_per_element
     return sum(trainable) * bytes_per_element
 
@@ -169,47 +143,25 @@ def _rule_temporaries(rule, group: list[ParamSpec]) -> int:
     declared = getattr(rule, "step_temporaries", None)
     if declared is not None:
         return int(declared(group))
-    implementation = getattr(rule, "implementation", "foreach")
-    if getattr(rule, "method", "") == DEFAULT_OPTIMIZER:
-        if implementation == "fused":
-            return 0
-        if implementation == "foreach":
-            return sum(s.numel for s in group)
-        return max(s.numel for s in group)
     return 2 * max(s.numel for s in group)
 
 
-def codec_transient_bytes(decl, block: int, bytes_per_element: int) -> int:
-    """Bytes ``slimtrain.registry.quant8`` holds at once encoding or decoding one moment (module docstring).
-    It works ``CHUNK_ELEMENTS`` at a time (whole rows), so beyond the new codes and scales only one
-    chunk's temporaries are alive; rows are zero-padded to whole blocks, so a moment whose last
-    dimension is much smaller than the block (APOLLO-Mini's m x 1 moments) costs its padded size."""
-    from slimtrain.registry.quant8 import CHUNK_ELEMENTS, n_blocks
-
-    n, last = decl.numel, decl.shape[-1]
-    rows = n // last
-    chunk_rows = min(rows, max(1, CHUNK_ELEMENTS // last))
-    c = chunk_rows * last
-    cp = chunk_rows * n_blocks(last, block) * block  # the chunk's elements, padded to whole blocks
-    unsigned = decl.name.endswith("exp_avg_sq") or decl.name in ("v", "second_moment")
-    copy = ENCODE_COPY_BYTES * c if (unsigned or bytes_per_element != 4) else 0  # sqrt(v) or fp32 copy
-    padded = 4 * cp if cp > c else 0  # the zero-padded fp32 blocks
-    scales = 4 * rows * n_blocks(last, block)
-    encode = n + scales + copy + padded + ENCODE_BYTES * cp
-    decode = max(DECODE_BYTES * c, 4 * c + padded)  # int64 indices and gathered values; or values and padded blocks
-    return max(encode, decode)
-
-
-def step_workspace_bytes(rule, group: list[ParamSpec], *, block: int | None, bytes_per_element: int) -> int:
-    """Bytes one step of ``rule`` over ``group`` (stepped at once) allocates and frees."""
-    temporaries = _rule_temporaries(rule, group) * bytes_per_element
-    decoded, codec = 0, 0
+def step_workspace_bytes(rule, group: list[ParamSpec], *, codec, bytes_per_element: int) -> int:
+    """Bytes one step of ``rule`` over ``group`` allocates and frees: the parameters without coded
+    state stepped together, each one with coded state on its own (module docstring)."""
+    bpe = bytes_per_element
+    together, most = [], 0
     for spec in group:
-        for decl in rule.state_specs(spec):
-            if _quantized(decl, block):
-                decoded += decl.numel * bytes_per_element
-                codec = max(codec, codec_transient_bytes(decl, block, bytes_per_element))
-    return decoded + max(temporaries, codec)
+        coded = [d for d in rule.state_specs(spec) if codec is not None and codec.serves(d)]
+        if not coded:
+            together.append(spec)
+            continue
+        decoded = sum(d.numel for d in coded) * bpe
+        coding = max(codec.coding_bytes(d, bpe) for d in coded)
+        most = max(most, decoded + max(_rule_temporaries(rule, [spec]) * bpe, coding))
+    if together:
+        most = max(most, _rule_temporaries(rule, together) * bpe)
+    return most
 
 
 def _block_of(name: str) -> int | None:
@@ -289,11 +241,15 @@ def activation_bytes(
     return sum(s.kept(ac)) + s.head
 
 
-def peak_phases(composition, specs: list[ParamSpec], s: _Shape, ac: str, *, bytes_per_element: int) -> dict[str, int]:
-    """Bytes alive beyond the static memory at each modelled moment of one step (module docstring)."""
+def peak_phases(
+    composition, specs: list[ParamSpec], s: _Shape, ac: str, *, bytes_per_element: int, grad_accumulation_steps: int = 1,
+) -> dict[str, int]:
+    """Bytes alive beyond the static memory at each modelled moment of one step (module docstring).
+    With accumulation, from the second micro-batch on every gradient (accumulation buffer) is alive
+    through backward; a stepper that steps in backward frees each after the last micro-batch's step."""
     bpe = bytes_per_element
-    block = _block_size(composition)
-    per_layer = PER_LAYER in composition.method_names
+    codec = composition.state_codec()
+    per_layer = composition.steps_in_backward
     rules = _rules(composition, specs)
     kept = s.kept(ac)
     ckpt = s.checkpointed(ac)
@@ -307,11 +263,16 @@ def peak_phases(composition, specs: list[ParamSpec], s: _Shape, ac: str, *, byte
             b = _block_of(spec.name)
             grads_by_block[b] = grads_by_block.get(b, 0) + spec.numel * bpe
     alone: dict[str, int] = {}  # per-layer: one parameter's gradient + its step workspace
+    workspace: dict[str, int] = {}  # ... its step workspace alone (its gradient already counted)
     if per_layer:
         for rule, group in rules:
             for spec in group:
-                alone[spec.name] = spec.numel * bpe + step_workspace_bytes(rule, [spec], block=block, bytes_per_element=bpe)
+                workspace[spec.name] = step_workspace_bytes(rule, [spec], codec=codec, bytes_per_element=bpe)
+                alone[spec.name] = spec.numel * bpe + workspace[spec.name]
 
+    accumulated = 0  # gradients kept between micro-batches (accumulation buffers), alive through backward
+    if grad_accumulation_steps > 1:
+        accumulated = gradient_bytes(composition, specs, bytes_per_element=bpe, grad_accumulation_steps=grad_accumulation_steps)
     remaining = sum(kept)  # block activations alive when backward reaches block i
     grads = 0  # without per-layer updates: gradients produced before block i's backward
     for name in (OUTPUT, "norm.weight"):
@@ -322,20 +283,22 @@ def peak_phases(composition, specs: list[ParamSpec], s: _Shape, ac: str, *, byte
         recompute = s.block - s.block_input if ckpt[i] else 0
         inner = remaining + recompute + s.swiglu_backward
         if per_layer:
-            in_block = [v for n, v in alone.items() if _block_of(n) == i]
-            phases[f"block {i}"] = inner + (max(in_block) if in_block else 0)
+            step_of = workspace if accumulated else alone  # accumulating: the gradient is in `accumulated`
+            in_block = [v for n, v in step_of.items() if _block_of(n) == i]
+            phases[f"block {i}"] = inner + accumulated + (max(in_block) if in_block else 0)
         else:
-            phases[f"block {i}"] = inner + grads
+            phases[f"block {i}"] = inner + max(grads, accumulated)
             grads += grads_by_block.get(i, 0)
         remaining -= kept[i]
     if per_layer:
         if OUTPUT in alone:
-            phases[f"step {OUTPUT}"] = activations - logits + alone[OUTPUT]
+            own = workspace[OUTPUT] + accumulated if accumulated else alone[OUTPUT]
+            phases[f"step {OUTPUT}"] = activations - logits + own
         if EMBEDDING in alone:
             phases[f"step {EMBEDDING}"] = alone[EMBEDDING]
     else:
         phases["step"] = gradient_bytes(composition, specs, bytes_per_element=bpe) + max(
-            (step_workspace_bytes(rule, group, block=block, bytes_per_element=bpe) for rule, group in rules), default=0
+            (step_workspace_bytes(rule, group, codec=codec, bytes_per_element=bpe) for rule, group in rules), default=0
         )
     return phases
 
@@ -343,8 +306,10 @@ def peak_phases(composition, specs: list[ParamSpec], s: _Shape, ac: str, *, byte
 def device_memory(
     composition, dense: Iterable[ParamSpec], *, dim: int, ffn: int, layers: int, heads: int, vocab: int,
     batch: int, seq_len: int, ac: str = "none", bytes_per_element: int = 2, act_bytes: int | None = None,
-    kv_heads: int | None = None, device: str = "cuda",
+    kv_heads: int | None = None, device: str = "cuda", grad_accumulation_steps: int = 1,
 ) -> DeviceMemory:
+    """The memory of one step at ``batch`` sequences per micro-batch (``grad_accumulation_steps``
+    micro-batches per step: activations are one micro-batch's, gradients accumulate)."""
     from slimtrain.registry.memory import transformed_specs
 
     if ac not in AC_MODES:
@@ -354,11 +319,15 @@ def device_memory(
     s = _shape(dim, ffn, layers, heads, vocab, batch, seq_len, kv_heads, act, device)
     weights = sum(x.numel for x in specs) * bytes_per_element
     optimizer = optimizer_state_bytes(composition, specs, bytes_per_element=bytes_per_element)
-    phases = peak_phases(composition, specs, s, ac, bytes_per_element=bytes_per_element)
+    phases = peak_phases(
+        composition, specs, s, ac, bytes_per_element=bytes_per_element, grad_accumulation_steps=grad_accumulation_steps,
+    )
     phase = max(phases, key=phases.get)
     return DeviceMemory(
         weights=weights,
-        gradients=gradient_bytes(composition, specs, bytes_per_element=bytes_per_element),
+        gradients=gradient_bytes(
+            composition, specs, bytes_per_element=bytes_per_element, grad_accumulation_steps=grad_accumulation_steps,
+        ),
         optimizer=optimizer,
         index=extra,
         activations=sum(s.kept(ac)) + s.head,

@@ -25,7 +25,7 @@ class MemoryEstimate:
     optimizer_state_elements: int
     extra_bytes: int
     bytes_per_element: int = 2
-    #: when state is not all stored at ``bytes_per_element`` (``state_8bit``): its bytes, as declared
+    #: when a state codec stores some state its own way: the state's bytes, as the codec stores them
     stored_optimizer_bytes: int | None = None
 
     @property
@@ -75,28 +75,20 @@ def estimate_memory(composition, dense: Iterable[ParamSpec], *, bytes_per_elemen
 
 
 def _stored_state_bytes(composition, specs: list[ParamSpec], bytes_per_element: int) -> int | None:
-    """With ``state_8bit`` the declared moments are stored in 8 bits plus block scales: the same count
-    as ``slimtrain memory --device`` (slimtrain.registry.device_memory), so both tables agree."""
-    from slimtrain.registry.device_memory import STATE_8BIT, optimizer_state_bytes
+    """With a state codec (``Capability.STATE_CODEC``) the declarations it serves cost its own
+    ``stored_bytes``: the same count as ``slimtrain memory --device`` (slimtrain.registry.device_memory),
+    so both tables agree."""
+    from slimtrain.registry.device_memory import optimizer_state_bytes
 
-    if STATE_8BIT not in composition.method_names:
+    if composition.codec_method is None:
         return None
     return optimizer_state_bytes(composition, specs, bytes_per_element=bytes_per_element)
 
 
 def optimizer_state_elements(composition, specs: Iterable[ParamSpec]) -> int:
-    """Sum over trainable parameters of the state their own rule declares (one rule per owner)."""
-    rules: dict[str, object] = {}
-    total = 0
-    for spec in specs:
-        if not spec.trainable:
-            continue
-        owner = composition.owner_of(spec)
-        rule = rules.get(owner.name)
-        if rule is None:
-            rule = rules[owner.name] = owner.update_rule()
-        total += rule.state_elements(spec)
-    return total
+    """Sum over trainable parameters of the state their own rule declares (the routing plan)."""
+    plan = composition.routing(specs)
+    return sum(plan.rule_of(spec).state_elements(spec) for spec in plan.specs)
 
 
 def llama_dense_specs(dim: int, ffn: int, layers: int, vocab: int, heads: int, kv_heads: int | None = None) -> list[ParamSpec]:

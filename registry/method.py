@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from slimtrain.registry.composed_optimizer import StateCodec
     from slimtrain.registry.model_description import ModelDescription
     from slimtrain.registry.parametrization import LinearParametrization
     from slimtrain.registry.update_rule import UpdateRule
@@ -36,6 +37,8 @@ class Capability(str, enum.Enum):
     PARAM_GROUPS = "param_groups"  # adds options to the param groups of selected params
     STEP_HOOK = "step_hook"  # acts after optimizer steps (after_step), e.g. every N steps
     LR_SCHEDULE = "lr_schedule"  # multiplies the scheduled learning rate (lr_factor)
+    STATE_CODEC = "state_codec"  # a memory layer: stores declared optimizer state its own way (state_codec)
+    STEPPER = "stepper"  # a memory layer: decides WHEN the composed optimizer steps (attach_stepper)
     MEMORY_ESTIMATE = "memory_estimate"  # derived: declared exactly by PARAMETRIZATION/OPTIMIZER methods,
     #                                      whose param_specs / rule state the analytic estimate reads
 
@@ -90,6 +93,24 @@ class OptimizerHyper:
     implementation: str = "foreach"  # "foreach", "fused" or "for-loop"
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+    """The trainer settings a memory layer may be unable to honour, read from the job config before
+    any model is built (``Method.check_trainer``) and handed to ``Method.attach_stepper``.
+
+    ``max_norm``: the global gradient-norm clipping bound; ``<= 0`` (and ``inf``) mean no clipping
+    (the trainer never clips every gradient to zero). ``grad_accumulation_steps``: micro-batches
+    (backward passes) per optimizer step."""
+
+    max_norm: float = 0.0
+    grad_accumulation_steps: int = 1
+
+    @property
+    def clips(self) -> bool:
+        """Whether the trainer clips by the global gradient norm."""
+        return math.isfinite(self.max_norm) and self.max_norm > 0
+
+
 @dataclasses.dataclass
 class StepContext:
     """Handed to step hooks after each optimizer step; ``step`` is the true 1-based step number,
@@ -114,6 +135,9 @@ class Method:
     #: the sizes of the model being trained (``slimtrain.registry.model_description``), set by
     #: ``Composition.describe_model`` before any parametrization; None until then
     model: ModelDescription | None = None
+    #: STEPPER methods: whether the stepper steps each parameter inside backward as its gradient is
+    #: ready and frees it (the memory models then count one parameter's gradient and step at a time)
+    steps_in_backward: ClassVar[bool] = False
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -195,6 +219,24 @@ class Method:
         this rule and every other trainable parameter to the default rule (``adamw``)."""
         raise NotImplementedError(f"{self.name} declares no update rule")
 
+    # -- memory layers: STATE_CODEC, STEPPER ---------------------------------------------------
+    def state_codec(self) -> StateCodec:
+        """The codec the composed optimizer stores declared state through (``StateCodec``: which
+        declarations it serves, how it encodes and decodes them, the bytes it stores and holds while
+        coding; the memory models read those). At most one method of a composition provides it."""
+        raise NotImplementedError(f"{self.name} declares no state codec")
+
+    def attach_stepper(self, optimizer, settings: TrainerSettings):
+        """Take over WHEN ``optimizer`` (a ``ComposedOptimizer``) steps its parameters, e.g. hooks that
+        call ``optimizer.step_params`` during backward; return an object with ``remove()``. The
+        trainer's ``optimizer.step()`` still runs each step (it steps what has a gradient left and counts
+        the step). At most one method of a composition provides it."""
+        raise NotImplementedError(f"{self.name} declares no stepper")
+
+    def check_trainer(self, settings: TrainerSettings) -> None:
+        """Refuse trainer settings this method cannot honour (any method may implement it; called
+        before the model is built). Raise ``ConfigError`` naming the method, the key and the value."""
+
     # -- PARAM_GROUPS -------------------------------------------------------------------------
     def param_group_options(self, spec: ParamSpec) -> dict[str, Any] | None:
         """Options (scalars/strings only: they are checkpointed) for the group holding ``spec``."""
@@ -219,6 +261,8 @@ CAPABILITY_HOOKS: dict[Capability, str] = {
     Capability.PARAM_GROUPS: "param_group_options",
     Capability.STEP_HOOK: "after_step",
     Capability.LR_SCHEDULE: "lr_factor",
+    Capability.STATE_CODEC: "state_codec",
+    Capability.STEPPER: "attach_stepper",
 }
 #: hooks of the earlier optimizer contract, replaced by ``update_rule``
 RETIRED_HOOKS = ("build_optimizer", "state_elements")

@@ -46,7 +46,8 @@ class StateSpec:
     shape: tuple[int, ...]  # GLOBAL shape; () for a scalar
     dtype: torch.dtype | None = None  # None: the parameter's dtype; fp32 projections say float32
     on_reset: OnReset = OnReset.ZERO
-    moment: bool = False  # a moment-like tensor: 8-bit state may store it quantized
+    moment: bool = False  # a moment-like tensor: a state codec (8-bit state) may store it encoded
+    non_negative: bool = False  # never below 0 (a second moment): a codec may use an unsigned map
     layout: str = "replicate"  # under FSDP2: "rows" (Shard(0), rows follow the parameter's rows)
     #                            or "replicate" (identical on every rank); scalars replicate
     init_value: float = 0.0  # value at creation and for OnReset.INIT

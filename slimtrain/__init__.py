@@ -24,6 +24,7 @@ from slimtrain.registry.parametrization import (
     originals,
     seeded_generator,
 )
+from slimtrain.registry.composed_optimizer import StateCodec
 from slimtrain.registry.sharded import OwnerRanks, RowShards
 from slimtrain.registry.targets import matches_any
 from slimtrain.registry.tensors import full_tensor, is_dtensor, local_tensor, write_full_
@@ -45,6 +46,7 @@ __all__ = sorted(
         "OwnerRanks",
         "RowShards",
         "RuleParam",
+        "StateCodec",
         "StateSpec",
         "StepInfo",
         "UpdateRule",

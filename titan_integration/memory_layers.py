@@ -1,23 +1,28 @@
-"""The trainer side of the memory layers: 8-bit optimizer state and per-layer updates.
+"""The trainer side of memory layers: methods that change how the composed optimizer stores its
+state (``Capability.STATE_CODEC``) or WHEN it steps (``Capability.STEPPER``), not what a rule computes.
 
-Both are methods without hooks into the composition (they change how the composed optimizer
-stores state and WHEN it steps, not what it computes), so the trainer installs them on the built
-optimizers: ``build_optimizers`` wraps slimtrain.titan_integration.optimizer's builder, then installs
-``state_8bit``'s codec (``slimtrain.plugins.state_8bit.install_codec``) and ``per_layer_updates``'s hooks
-(``slimtrain.plugins.per_layer_updates.PerLayerStepper``) on every model part's ``ComposedOptimizer``.
-``check_job`` refuses what they cannot honour from the job config alone, before a model is built
+Nothing here knows a method by name: ``build_optimizers`` wraps slimtrain.titan_integration.optimizer's
+builder, then installs the composition's state codec (``ComposedOptimizer.install_codec``) and attaches
+its stepper (``Method.attach_stepper``) on every model part's ``ComposedOptimizer``. ``check_job`` reads
+the trainer settings a layer may be unable to honour from the job config (``TrainerSettings``) and
+asks every method (``Method.check_trainer``), before a model is built
 (``slimtrain.titan_integration.context.build_composition`` calls it).
+
+``training.max_norm <= 0`` means "no clipping" for every composition: torchtitan would clip every
+gradient to zero (0) or flip its sign (negative), so the job config's value is replaced by ``inf``
+(torchtitan's clip is then the identity) and logged. NaN is refused.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from typing import Any
 
-from slimtrain.registry import ConfigError
+from slimtrain.registry import ConfigError, TrainerSettings
 
-STATE_8BIT = "state_8bit"
-PER_LAYER = "per_layer_updates"
+log = logging.getLogger("slimtrain")
 
 
 def grad_accumulation_steps(job_config: Any) -> int:
@@ -29,37 +34,48 @@ def grad_accumulation_steps(job_config: Any) -> int:
     return max(1, t.global_batch_size // (t.local_batch_size * world))
 
 
+def no_clipping_below_zero(job_config: Any) -> None:
+    """``training.max_norm <= 0``: no clipping (see the module docstring); NaN refused."""
+    max_norm = float(job_config.training.max_norm)
+    if math.isnan(max_norm):
+        raise ConfigError("[training] max_norm = nan; allowed: a number > 0 (clip), or <= 0 / inf (no clipping)")
+    if max_norm <= 0:
+        log.info("slimtrain: training.max_norm = %s: no gradient clipping", max_norm)
+        job_config.training.max_norm = math.inf
+
+
+def trainer_settings(job_config: Any) -> TrainerSettings:
+    return TrainerSettings(
+        max_norm=float(job_config.training.max_norm), grad_accumulation_steps=grad_accumulation_steps(job_config),
+    )
+
+
 def check_job(job_config: Any, composition) -> None:
-    names = composition.method_names
     if getattr(job_config.optimizer, "early_step_in_backward", False):
         raise ConfigError(
             "optimizer.early_step_in_backward = True: slimtrain does not build torchtitan's per-parameter "
-            f"optimizers; add \"{PER_LAYER}\" to [slimtrain] methods for updates in backward"
+            "optimizers; add a stepper method that steps in backward to [slimtrain] methods (`slimtrain list` "
+            "shows the installed ones)"
         )
-    if PER_LAYER in names:
-        from slimtrain.plugins.per_layer_updates import check_rules_declare_state, check_trainer
-
-        check_trainer(max_norm=float(job_config.training.max_norm), grad_accumulation_steps=grad_accumulation_steps(job_config))
-        check_rules_declare_state(composition)
-    if STATE_8BIT in names:
-        from slimtrain.plugins.state_8bit import check_declares_moments
-
-        check_declares_moments(composition)
+    no_clipping_below_zero(job_config)
+    composition.implementation = getattr(job_config.optimizer, "implementation", "foreach")
+    composition.check_trainer(trainer_settings(job_config))
 
 
 def build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None):
     """slimtrain.titan_integration.optimizer.build_optimizers, then the memory layers on each optimizer."""
     from slimtrain.titan_integration import context, optimizer
 
-    comp = context.current().composition
+    run = context.current()
+    comp = run.composition
     container = optimizer.build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
-    names = comp.method_names
-    container.per_layer_steppers = []
+    settings = trainer_settings(run.job_config)
+    stepper = comp.stepper_method
+    container.steppers = []
     for opt in container.optimizers:
-        if STATE_8BIT in names:
-            from slimtrain.plugins.state_8bit import install_codec
-
-            install_codec(opt, comp.method(STATE_8BIT).codec())
-        if PER_LAYER in names:
-            container.per_layer_steppers.append(comp.method(PER_LAYER).attach(opt))
+        codec = comp.state_codec()
+        if codec is not None:
+            opt.install_codec(codec)
+        if stepper is not None:
+            container.steppers.append(stepper.attach_stepper(opt, settings))
     return container

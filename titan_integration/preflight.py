@@ -103,16 +103,30 @@ def check_shapes(composition, model_args: Any) -> None:
     dense = llama_dense_specs(a.dim, ffn_hidden_dim(a), a.n_layers, a.vocab_size, a.n_heads, a.n_kv_heads)
     check_targets(composition, dense)
     specs, _ = transformed_specs(composition, dense)  # make_parametrization on every targeted shape
-    rules = {}
-    for spec in specs:
-        if not spec.trainable:
-            continue
-        owner = composition.owner_of(spec)  # two optimizer methods on one parameter: an error
-        if owner in composition.optimizer_methods:
-            rule = rules.setdefault(owner.name, owner.update_rule())
-            rule.check(spec)  # e.g. GaLore's rank against this matrix
+    plan = composition.routing(specs)  # two optimizer methods on one parameter: an error
+    selecting = {m.name for m in composition.optimizer_methods}
+    for spec in plan.specs:
+        if plan.owners[spec.name] in selecting:
+            plan.rule_of(spec).check(spec)  # e.g. GaLore's rank against this matrix
         for method in composition.with_capability(Capability.PARAM_GROUPS):
             method.param_group_options(spec)
+    check_codec_serves(composition, plan)
+
+
+def check_codec_serves(composition, plan) -> None:
+    """A state codec must serve some state of every optimizer method with a selection of its own
+    (else it is a codec for a rule that declares no moment it can store)."""
+    codec = composition.state_codec()
+    if codec is None:
+        return
+    for rule, group in plan.by_rule():
+        if rule.method in {m.name for m in composition.optimizer_methods} and not any(
+            codec.serves(d) for spec in group for d in rule.state_specs(spec)
+        ):
+            raise ConfigError(
+                f"[{composition.codec_method.name}] stores none of the state optimizer method {rule.method!r} "
+                f"declares on this model (no declaration it serves, e.g. no moment=True state); drop one of them"
+            )
 
 
 def check_before_model(job_config: Any, composition, model_args: Any) -> None:

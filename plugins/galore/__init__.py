@@ -170,7 +170,7 @@ class ProjectionRule(UpdateRule):
             StateSpec("step", (), torch.float32, OnReset.ZERO, host=True, counter=True),
             StateSpec("proj", (m, r) if left else (r, n), torch.float32, OnReset.KEEP),
             StateSpec("exp_avg", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
-            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
+            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, non_negative=True, layout=layout),
         ]
         if self.fira:
             specs.append(StateSpec("fira_prev", (), torch.float32, OnReset.INIT, init_value=-1.0))

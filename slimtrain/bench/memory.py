@@ -105,8 +105,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def device_row(recipe_name: str, flavor: str, *, batch: int, seq_len: int, ac: str, rank: int | None = None) -> dict:
-    """What a GPU holds for one recipe (slimtrain.registry.device_memory), in GB (1e9 B)."""
+def device_row(
+    recipe_name: str, flavor: str, *, batch: int, seq_len: int, ac: str, rank: int | None = None, accumulation: int = 1,
+) -> dict:
+    """What a GPU holds for one recipe (slimtrain.registry.device_memory), in GB (1e9 B); ``batch``
+    sequences per micro-batch, ``accumulation`` micro-batches per step."""
     from slimtrain.registry.device_memory import device_memory
 
     shape = PAPER_SHAPES[flavor]
@@ -114,12 +117,13 @@ def device_row(recipe_name: str, flavor: str, *, batch: int, seq_len: int, ac: s
     mem = device_memory(
         comp, llama_dense_specs(shape.dim, shape.ffn, shape.n_layers, PAPER_VOCAB, shape.n_heads),
         dim=shape.dim, ffn=shape.ffn, layers=shape.n_layers, heads=shape.n_heads, vocab=PAPER_VOCAB,
-        batch=batch, seq_len=seq_len, ac=ac,
+        batch=batch, seq_len=seq_len, ac=ac, grad_accumulation_steps=accumulation,
     )
     gb = lambda b: b / 1e9  # noqa: E731
     return {
         "recipe": recipe.name, "methods": comp.method_names, "flavor": flavor,
         "settings_from": "toml" if from_toml else "paper", "batch": batch, "seq_len": seq_len,
+        "grad_accumulation_steps": accumulation,
         "ac": ac, "weights_gb": gb(mem.weights), "gradients_gb": gb(mem.gradients), "optimizer_gb": gb(mem.optimizer),
         "index_gb": gb(mem.index), "static_gb": gb(mem.static), "activations_gb": gb(mem.activations),
         "total_gb": gb(mem.total), "peak_gb": gb(mem.peak), "peak_at": mem.peak_phase,
@@ -154,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="what a GPU holds: + gradients, index buffers and activations (--batch, --seq-len, --ac)")
     parser.add_argument("--batch", type=int_at_least(1), default=16, help="sequences per step (with --device)")
     parser.add_argument("--seq-len", type=int_at_least(1), default=256, help="tokens per sequence (with --device)")
+    parser.add_argument("--grad-accumulation-steps", type=int_at_least(1), default=1,
+                        help="micro-batches of --batch sequences per step (with --device): gradients accumulate")
     parser.add_argument("--ac", default="full", choices=("none", "selective", "full"),
                         help="activation checkpointing (with --device)")
     args = parser.parse_args(argv)
     if args.device:
         try:
-            rows = [device_row(r.strip(), args.flavor, batch=args.batch, seq_len=args.seq_len, ac=args.ac, rank=args.rank)
+            rows = [device_row(r.strip(), args.flavor, batch=args.batch, seq_len=args.seq_len, ac=args.ac, rank=args.rank,
+                               accumulation=args.grad_accumulation_steps)
                     for r in args.recipes]
         except ValueError as exc:
             print(f"slimtrain memory: {exc}", file=sys.stderr)
@@ -167,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            print(f"GPU memory, LLaMA-{args.flavor}, batch {args.batch} x {args.seq_len} tokens, activation "
+            print(f"GPU memory, LLaMA-{args.flavor}, batch {args.batch} x {args.seq_len} tokens "
+                  f"x {args.grad_accumulation_steps} micro-batch(es) per step, activation "
                   f"checkpointing {args.ac} (bf16; GB = 1e9 B; registry/device_memory.py)")
             print(format_device_table(rows))
             print("activations: what backward keeps at the end of the forward; sum: w+g+o+i + activations; peak: the "

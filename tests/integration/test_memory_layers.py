@@ -48,3 +48,31 @@ def test_memory_layers_train_and_resume_bitwise(offline_assets, tmp_path, nproc)
     assert [e["loss"] for e in b] == [e["loss"] for e in a]
     assert not results["clipping"]["ok"]
     assert re.search(r"\[per_layer_updates\] training.max_norm = 1.0", results["clipping"]["error"])
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
+def test_per_layer_updates_with_accumulation_equal_the_plain_accumulated_step(offline_assets, tmp_path, nproc):
+    """Two micro-batches per step (global batch = 2 x local x ranks) through the training command:
+    per-layer updates step after the last one, so the losses equal AdamW's plain accumulated steps
+    (to 1e-6), and a resume is bitwise; max_norm = 0 means no clipping for both."""
+    base = ["--job.config_file", str(ROOT / "plugins" / "full_rank.toml"), *offline_args(offline_assets),
+            "--training.global_batch_size", str(2 * 4 * nproc), "--training.max_norm", "0"]
+    per_layer = [*base, "--slimtrain.methods", "adamw,per_layer_updates"]
+    plain = tmp_path / "plain"
+    runs = [
+        {"name": "plain", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(plain),
+                                   "--slimtrain.loss_log", f"{plain}.jsonl"]},
+        *resume_runs(per_layer, tmp_path, STEPS, HALF),
+    ]
+    results = run_many(nproc, runs, tmp_path)
+    for kind in ("plain", "straight", "half", "resume"):
+        assert results[kind]["ok"], results[kind]["error"]
+    p, _ = read_log(tmp_path / "plain.jsonl")
+    a, _ = read_log(tmp_path / "straight.jsonl")
+    b, _ = read_log(tmp_path / "resumed.jsonl")
+    assert len(p) == len(a) == STEPS and all(math.isfinite(e["loss"]) for e in p)
+    # equal losses also show max_norm = 0 no longer clips the plain run's gradients to zero (per-layer
+    # updates step before any clipping could act, so a zeroing would make the runs differ from step 2)
+    for x, y in zip(p, a):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
+    assert [e["loss"] for e in b] == [e["loss"] for e in a]

@@ -160,20 +160,13 @@ def test_per_layer_under_fsdp2_equals_the_plain_unsharded_step(runs, recipe, wor
 
 # -- bad input --------------------------------------------------------------------------------------
 def test_global_clipping_is_refused_with_the_alternative():
-    from slimtrain.plugins.per_layer_updates import check_trainer
-    from slimtrain.registry import ConfigError
+    from slimtrain.registry import ConfigError, TrainerSettings, compose
 
+    comp = compose(["adamw", "per_layer_updates"], {})
     with pytest.raises(ConfigError, match=r"\[per_layer_updates\] training.max_norm = 1.0.*max_norm = 0.*per_parameter"):
-        check_trainer(max_norm=1.0, grad_accumulation_steps=1)
-    check_trainer(max_norm=0.0, grad_accumulation_steps=1)
-
-
-def test_gradient_accumulation_is_refused():
-    from slimtrain.plugins.per_layer_updates import check_trainer
-    from slimtrain.registry import ConfigError
-
-    with pytest.raises(ConfigError, match=r"\[per_layer_updates\] gradient accumulation steps = 4"):
-        check_trainer(max_norm=0.0, grad_accumulation_steps=4)
+        comp.check_trainer(TrainerSettings(max_norm=1.0))
+    for no_clipping in (0.0, -1.0, float("inf")):
+        comp.check_trainer(TrainerSettings(max_norm=no_clipping, grad_accumulation_steps=4))
 
 
 @pytest.mark.parametrize("key,value", [("clip", "global"), ("max_norm", 0), ("max_norm", float("inf"))])
@@ -200,6 +193,46 @@ def test_per_parameter_clipping_bounds_each_update_input():
     PerLayerStepper(opt, "per_parameter", 0.01)
     (model(torch.randn(4, 8)) * 100).sum().backward()
     assert len(seen) == 4 and max(seen) <= 0.01 * (1 + 1e-5)
+
+
+# -- gradient accumulation ----------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["adamw", "galore_8bit_reset"])
+def test_accumulated_per_layer_step_equals_the_plain_accumulated_step(recipe):
+    """Three micro-batches per step: the per-layer step comes after the last one, gradients (the
+    accumulation buffers) alive until then, and the result equals the plain accumulated step bitwise."""
+    from torch import nn
+
+    from slimtrain.registry import OptimizerHyper, StepContext, TrainerSettings, compose
+
+    k = 3
+    results = {}
+    for per_layer in (False, True):
+        methods, sections = RECIPES[recipe]
+        comp = compose([*methods, *(["per_layer_updates"] if per_layer else [])], sections)
+        model = build_model(comp, TINY, world=1, shard=False, seed_label="per-layer-accumulation")
+        opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=LR, weight_decay=0.1))
+        if comp.codec_method is not None:
+            opt.install_codec(comp.state_codec())
+        if per_layer:
+            comp.stepper_method.attach_stepper(opt, TrainerSettings(grad_accumulation_steps=k))
+        data = torch.randint(0, TINY["vocab_size"], (k * STEPS, 2, 12), generator=torch.Generator().manual_seed(3))
+        for step in range(STEPS):
+            for micro in range(k):
+                x = data[step * k + micro]
+                loss = nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()) / k
+                loss.backward()
+                alive = sum(p.grad is not None for p in model.parameters())
+                if per_layer and micro == k - 1:
+                    assert alive == 0, "the last micro-batch's backward steps and frees every gradient"
+                else:
+                    assert alive == sum(1 for _ in model.parameters()), "accumulating: every gradient alive"
+            opt.step()
+            opt.zero_grad()
+            comp.after_step(StepContext(opt.global_step, [model], [opt]))
+        assert opt.global_step == STEPS
+        results[per_layer] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in results[False].items():
+        assert torch.equal(results[True][name], value), name
 
 
 if __name__ == "__main__":

@@ -154,3 +154,34 @@ def test_bad_config_names_method_key_value(key, value, allowed):
 def test_bad_config_through_compose():
     with pytest.raises(ConfigError, match=r"state_8bit.*block_size.*0"):
         compose(["adamw", "state_8bit"], {"state_8bit": {"block_size": 0}})
+
+
+def test_the_map_follows_the_declaration_not_the_key_name():
+    """A second moment called ``nu`` declared ``non_negative`` is stored as sqrt(v) with the unsigned
+    map; a moment called ``exp_avg_sq`` that does not declare it gets the signed map."""
+    from slimtrain.registry.update_rule import StateSpec
+
+    codec = Quant8Codec(block_size=64)
+    v = torch.rand(8, 128, generator=torch.Generator().manual_seed(0)) ** 4  # many decades
+    for name, non_negative in (("nu", True), ("exp_avg_sq", False)):
+        decl = StateSpec(name, (8, 128), None, moment=True, non_negative=non_negative)
+        state = {}
+        codec.encode(decl, v, state)
+        codes, scales = quantize(v, signed=not non_negative, kind="dynamic", block_size=64, sqrt=non_negative)
+        assert torch.equal(state[f"{name}_q8"], codes), name
+        assert torch.equal(state[f"{name}_absmax"], scales), name
+    unsigned = codec.decode(StateSpec("nu", (8, 128), None, moment=True, non_negative=True), {
+        "nu_q8": quantize(v, signed=False, kind="dynamic", block_size=64, sqrt=True)[0],
+        "nu_absmax": quantize(v, signed=False, kind="dynamic", block_size=64, sqrt=True)[1]}, torch.float32)
+    assert (unsigned >= 0).all()
+
+
+def test_moments_with_rows_shorter_than_their_scale_stay_full_precision():
+    """APOLLO-Mini's m x 1 moments: codes plus one fp32 scale per row would cost 5 bytes per element."""
+    from slimtrain.registry.update_rule import StateSpec
+
+    codec = Quant8Codec(block_size=256)
+    assert not codec.serves(StateSpec("exp_avg", (64, 1), None, moment=True))
+    assert not codec.serves(StateSpec("exp_avg", (64, 3), None, moment=True))  # 1 + 4/3 bytes per element
+    assert codec.serves(StateSpec("exp_avg", (64, 4), None, moment=True))  # 1 + 4/4 = 2: no more than bf16
+    assert not codec.serves(StateSpec("proj", (64, 300), None))  # not a moment
