@@ -32,13 +32,15 @@ RECIPES = {
 def titan_path(recipe, dim, layers, vocab):
     from slimtrain.titan_integration import context, memory_layers, optimizer
     from slimtrain.titan_integration.converter import SlimtrainConverter
-    from torchtitan.config.job_config import LRScheduler, Optimizer
-    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+    from slimtrain.titan_integration.titan_types import LRScheduler, Optimizer
+    from slimtrain.titan_integration.titan_types import Transformer, TransformerModelArgs
 
     args = TransformerModelArgs(dim=dim, n_layers=layers, n_heads=4, vocab_size=vocab, multiple_of=16, max_seq_len=64)
     comp = slimtrain.load_recipe(recipe).compose()
     conv = SlimtrainConverter.__new__(SlimtrainConverter)
-    conv.composition, conv.job_config = comp, types.SimpleNamespace(model=types.SimpleNamespace(flavor="(bench)"))
+    conv.composition, conv.job_config = comp, types.SimpleNamespace(
+        model=types.SimpleNamespace(flavor="(bench)"),
+        training=types.SimpleNamespace(max_norm=0.0, global_batch_size=-1, local_batch_size=4))
     context.reset()
     context._STATE = context.RunState(conv.job_config, comp)
     with torch.device("meta"):
@@ -109,7 +111,7 @@ def main(argv=None):
     lines = [f"| recipe | torchtitan builder (CPU ms) | plain loop (CPU ms) | HF adapter (CPU ms) | plain / titan | HF / titan |", "|---|---|---|---|---|---|"]
     for name, recipe in RECIPES.items():
         titan_model, titan_step = titan_path(recipe, a.dim, a.layers, a.vocab)
-        from torchtitan.models.llama3 import Transformer
+        from slimtrain.titan_integration.titan_types import Transformer
 
         plain_model = Transformer(_args(a))
         plain_model.load_state_dict({k: v for k, v in titan_model.state_dict().items() if "parametrizations" not in k}, strict=False)
@@ -139,7 +141,7 @@ def main(argv=None):
 
 
 def _args(a):
-    from torchtitan.models.llama3 import TransformerModelArgs
+    from slimtrain.titan_integration.titan_types import TransformerModelArgs
 
     return TransformerModelArgs(dim=a.dim, n_layers=a.layers, n_heads=4, vocab_size=a.vocab, multiple_of=16, max_seq_len=64)
 

@@ -27,13 +27,19 @@ import torch
 from torch import nn
 
 from slimtrain.recipe import Recipe, load_recipe
-from slimtrain.registry import Capability, Composition, ConfigError, ModelDescription, OptimizerHyper, StepContext
+from slimtrain.registry import (
+    Capability,
+    Composition,
+    ConfigError,
+    ModelDescription,
+    OptimizerHyper,
+    StepContext,
+    TrainerSettings,
+)
 from slimtrain.registry.model_description import infer_description
 from slimtrain.registry.parametrization import iter_parametrized
 from slimtrain.registry.targets import iter_linears, matches_any
 
-STATE_8BIT = "state_8bit"
-PER_LAYER = "per_layer_updates"
 
 
 @dataclasses.dataclass
@@ -113,34 +119,21 @@ def parametrize_model(model: nn.Module, composition: Composition, description: M
     return composition.apply_parametrizations(model)
 
 
-def build_optimizer(model: nn.Module, composition: Composition, hyper: OptimizerHyper):
-    """The composed optimizer over ``model`` with the memory layers the composition names
-    (8-bit state's codec; per-layer updates' hooks). Returns (optimizer, per-layer stepper or None)."""
+def build_optimizer(model: nn.Module, composition: Composition, hyper: OptimizerHyper,
+                    settings: TrainerSettings | None = None):
+    """The composed optimizer over ``model`` with the composition's memory layers, through the method
+    contract as the torchtitan builder installs them (a STATE_CODEC method's codec; a STEPPER method's
+    stepper, attached with the trainer's ``settings``). Returns (optimizer, stepper or None)."""
     groups = composition.param_groups(model)
     if not groups:
         raise ConfigError("the composition left no trainable parameters in the model")
     optimizer = composition.build_optimizer(groups, hyper)
-    stepper = None
-    names = composition.method_names
-    if STATE_8BIT in names:
-        from slimtrain.plugins.state_8bit import install_codec
-
-        install_codec(optimizer, composition.method(STATE_8BIT).codec())
-    if PER_LAYER in names:
-        stepper = composition.method(PER_LAYER).attach(optimizer)
+    codec = composition.state_codec()
+    if codec is not None:
+        optimizer.install_codec(codec)
+    stepper_method = composition.stepper_method
+    stepper = stepper_method.attach_stepper(optimizer, settings or TrainerSettings()) if stepper_method else None
     return optimizer, stepper
-
-
-def check_memory_layers(composition: Composition) -> None:
-    """The memory layers' checks that need no model (rules that declare no state / no moments)."""
-    if STATE_8BIT in composition.method_names:
-        from slimtrain.plugins.state_8bit import check_declares_moments
-
-        check_declares_moments(composition)
-    if PER_LAYER in composition.method_names:
-        from slimtrain.plugins.per_layer_updates import check_rules_declare_state
-
-        check_rules_declare_state(composition)
 
 
 def prepare(
@@ -155,6 +148,7 @@ def prepare(
     implementation: str | None = None,
     description: ModelDescription | None = None,
     initialize: bool = True,
+    trainer: TrainerSettings | None = None,
 ) -> Prepared:
     """Parametrize ``model`` in place by ``recipe`` and build its composed optimizer.
 
@@ -162,6 +156,9 @@ def prepare(
     defaults of ``lr`` ... ``weight_decay``), a list of method names, ``{"methods": [...],
     "<method>": {...}}`` or a built ``Composition``. ``sections`` override method keys.
     ``description``: the model's sizes where they cannot be inferred (see ``ModelDescription``).
+    ``trainer``: the settings of the loop that will drive it (global-norm clipping, micro-batches
+    per step), checked by every method before any change (``Method.check_trainer``) and handed to a
+    stepper (per-layer updates step after the last micro-batch).
     ``initialize``: give the factors the methods' own initialization (as a torchtitan run does);
     False keeps what the parametrizations derive from the current weights (``right_inverse``).
     """
@@ -174,9 +171,9 @@ def prepare(
     if initialize and any(p.device.type == "meta" for p in model.parameters()):
         raise ConfigError("the model is on the meta device: materialize it first (or pass initialize=False "
                           "and initialize the factors yourself with composition.init_parametrized)")
-    check_memory_layers(composition)
+    composition.check_trainer(trainer or TrainerSettings())
     fqns = parametrize_model(model, composition, description)
     if initialize:
         composition.init_parametrized(model)
-    optimizer, stepper = build_optimizer(model, composition, hyper)
+    optimizer, stepper = build_optimizer(model, composition, hyper, trainer)
     return Prepared(model, optimizer, composition, composition.model, fqns, hyper, stepper)

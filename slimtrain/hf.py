@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from slimtrain.api import PER_LAYER, Prepared, combine_schedule, prepare
-from slimtrain.registry import ConfigError
+from slimtrain.api import Prepared, combine_schedule, prepare
+from slimtrain.registry import ConfigError, TrainerSettings
 
 #: model classes the adapter knows (their Linear names are in DEFAULT_TARGETS), by model_type
 SUPPORTED = {"llama": "LlamaForCausalLM"}
@@ -79,14 +79,12 @@ class SlimtrainTrainer(Trainer):
         from slimtrain.recipe import load_recipe
 
         loaded = load_recipe(recipe, sections)
-        if PER_LAYER in loaded.methods:
-            from slimtrain.plugins.per_layer_updates import check_trainer
-
-            max_norm = float(args.max_grad_norm or 0.0)
-            check_trainer(max_norm=max_norm, grad_accumulation_steps=int(args.gradient_accumulation_steps))
+        settings = TrainerSettings(
+            max_norm=float(args.max_grad_norm or 0.0), grad_accumulation_steps=int(args.gradient_accumulation_steps),
+        )
         self.slimtrain = prepare(
             model, loaded, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-            weight_decay=args.weight_decay, description=description,
+            weight_decay=args.weight_decay, description=description, trainer=settings,
         )
         callbacks = [*(kwargs.pop("callbacks", None) or []), SlimtrainStepHooks(self.slimtrain)]
         super().__init__(model=model, args=args, callbacks=callbacks, optimizers=(self.slimtrain.optimizer, None), **kwargs)

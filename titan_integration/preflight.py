@@ -46,7 +46,7 @@ def check_settings(job_config: Any) -> None:
     methods = section.methods
     if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
         raise ConfigError(f"[slimtrain] methods = {methods!r}: allowed: a list of method names, e.g. "
-                          f'methods = ["sltrain"] (--slimtrain.methods sltrain,momentum_reset)')
+                          f'methods = ["<method>", ...] (--slimtrain.methods <method>,<method>; `slimtrain list` names them)')
     from slimtrain.titan_integration.checkpoint_guard import ON_DAMAGE
 
     if section.checkpoint_on_damage not in ON_DAMAGE:

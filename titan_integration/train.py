@@ -77,14 +77,14 @@ def check_methods_flag(argv: list[str]) -> None:
         given = [argv[i] if "=" in argv[i] else f"{argv[i]} {argv[i + 1] if i + 1 < len(argv) else ''}".strip()
                  for i in found]
         raise ArgumentError(f"--slimtrain.methods given {len(found)} times ({'; '.join(given)}): allowed: once, "
-                            f"with every method, e.g. --slimtrain.methods sltrain,momentum_reset")
+                            f"with every method, e.g. --slimtrain.methods <method>,<method>")
     for i in found:
         name, eq, value = argv[i].partition("=")
         if not eq:
             value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
         if not [v for v in value.split(",") if v.strip()]:
             raise ArgumentError("--slimtrain.methods is given without a method name: allowed: one or more names, "
-                                "e.g. --slimtrain.methods sltrain (full-rank AdamW: --slimtrain.methods adamw)")
+                                "e.g. --slimtrain.methods <method>,<method> (full-rank AdamW: --slimtrain.methods adamw)")
 
 
 def complete_argv(argv: list[str]) -> list[str]:

@@ -70,12 +70,24 @@ def test_unknown_hf_model_is_named_with_what_is_supported(tmp_path):
         SlimtrainTrainer(model=gpt2, args=args(tmp_path), train_dataset=Rule(), recipe=RECIPE)
 
 
-def test_per_layer_updates_with_accumulation_refused_before_training(tmp_path):
+def test_per_layer_updates_with_global_clipping_refused_before_training(tmp_path):
     model = llama()
-    with pytest.raises(ConfigError, match="accumulation"):
-        SlimtrainTrainer(model=model, args=args(tmp_path, max_grad_norm=0.0), train_dataset=Rule(),
+    with pytest.raises(ConfigError, match="max_norm"):
+        SlimtrainTrainer(model=model, args=args(tmp_path, max_grad_norm=1.0), train_dataset=Rule(),
                          recipe={"methods": ["sltrain", "per_layer_updates"], "sltrain": {"rank": 4}})
     assert not any("parametrizations" in n for n, _ in model.named_parameters())  # untouched
+
+
+def test_per_layer_updates_with_accumulation_step_after_the_last_micro_batch(tmp_path):
+    """Gradient accumulation 2 with per-layer updates: one update per optimizer step, after the
+    second backward (the Trainer's own loop drives it)."""
+    t = SlimtrainTrainer(model=llama(), args=args(tmp_path, max_steps=2, gradient_accumulation_steps=2, max_grad_norm=0.0,
+                                                  save_steps=10), train_dataset=Rule(),
+                         recipe={"methods": ["sltrain", "per_layer_updates"], "sltrain": {"rank": 4}})
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.train()
+    assert t.slimtrain.per_layer is not None and t.slimtrain.optimizer.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
 
 
 def test_per_layer_updates_train_without_accumulation(tmp_path):

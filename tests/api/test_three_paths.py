@@ -73,7 +73,10 @@ def titan_model(recipe):
     comp = slimtrain.load_recipe(recipe).compose()
     converter = SlimtrainConverter.__new__(SlimtrainConverter)  # what torchtitan builds from the job config
     converter.composition = comp
-    converter.job_config = types.SimpleNamespace(model=types.SimpleNamespace(flavor="(test)"))
+    converter.job_config = types.SimpleNamespace(
+        model=types.SimpleNamespace(flavor="(test)"),
+        training=types.SimpleNamespace(max_norm=0.0, global_batch_size=-1, local_batch_size=4),  # no clipping, no accumulation
+    )
     context.reset()
     context._STATE = context.RunState(converter.job_config, comp)
     with torch.device("meta"):
