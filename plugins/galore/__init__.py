@@ -31,7 +31,15 @@ from slimtrain.registry import (
     hookimpl,
 )
 from slimtrain.registry.sharded import OwnerRanks, RowShards
-from slimtrain.registry.subspace import randomized_range, refresh_seed, std_side, svd_projection
+from slimtrain.registry.subspace import (
+    DEFAULT_OVERSAMPLE,
+    DEFAULT_POWER_ITERS,
+    randomized_range,
+    refresh_seed,
+    resolve_proj_method,
+    std_side,
+    svd_projection,
+)
 from slimtrain.registry.tensors import local_tensor
 from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
 
@@ -41,9 +49,9 @@ class GaLoreConfig:
     rank: int = 128
     update_proj_gap: int = 200
     scale: float = 0.25
-    proj_method: str = "randomized"  # "randomized" (range finder) or "svd" (the reference's)
-    power_iters: int = 2
-    oversample: int = 0  # extra sketch columns of the range finder (rank + oversample, capped)
+    proj_method: str = "auto"  # "auto" (svd under convention "reference", else randomized), "randomized", "svd"
+    power_iters: int = DEFAULT_POWER_ITERS  # the randomized refresh's power iterations
+    oversample: int = DEFAULT_OVERSAMPLE  # extra sketch columns of the range finder (rank + oversample, capped)
     convention: str = "paper"  # "paper" (the papers' equations) or "reference" (galore-torch 1.0's code)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
@@ -63,6 +71,12 @@ def validate_projection(cfg: Any, section: str) -> None:
     check_range(section, "power_iters", cfg.power_iters, low=0)
     check_range(section, "oversample", cfg.oversample, low=0)
     check_choice(section, "convention", cfg.convention, CONVENTIONS)
+    if cfg.convention == "reference" and cfg.proj_method == "randomized":
+        package = "galore-torch 1.0" if section == "galore" else "fira 1.0.2"
+        raise ConfigError(
+            f"[{section}] proj_method = 'randomized' contradicts convention = 'reference': the released "
+            f"{package} refreshes by a full SVD; leave proj_method at 'auto' or set 'svd'"
+        )
     if not cfg.targets:
         raise ConfigError(f"[{section}] targets = () is empty; name at least one module pattern")
     if not cfg.roles:
@@ -116,15 +130,23 @@ def fira_residual(
 
 
 def fira_limiter(
-    scaled: torch.Tensor, prev: torch.Tensor, rows: RowShards, betas: tuple[float, float], t: int, gamma: float
+    scaled: torch.Tensor, prev: torch.Tensor, rows: RowShards, betas: tuple[float, float], t: int, gamma: float,
+    reference: bool = False,
 ) -> torch.Tensor:
     """The norm-growth limiter ``max(||S|| / prev, gamma) / gamma`` (updates ``prev`` in place).
 
+    Paper (default): ``S`` is the scaled residual as applied (built from the bias-corrected Adam
+    direction), compared with the previous step's limited ``||S||``, the Fira paper's statement.
+    ``reference``: fira 1.0.2 limits the residual built from ``m / (sqrt(v) + eps)`` before the
+    bias-correction factor ``c_t = sqrt(1 - b2^t) / (1 - b1^t)`` (folded into its step size); our
+    reference direction carries c_t, so its norm is divided by c_t to compare the package's quantity.
+
     The first step after creation or a reset has prev = -1: the ratio is <= 0, the clamp gives gamma
     and the limiter 1, so that step is not limited, without a host sync."""
-    beta1, beta2 = betas
-    c_t = math.sqrt(1 - beta2**t) / (1 - beta1**t)
-    norm_ref = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt_().div_(c_t)
+    norm_ref = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt_()
+    if reference:
+        beta1, beta2 = betas
+        norm_ref.div_(math.sqrt(1 - beta2**t) / (1 - beta1**t))
     limiter = torch.clamp(norm_ref / (prev + 1e-8), min=gamma).div_(gamma)
     prev.copy_(norm_ref / limiter)
     return limiter
@@ -140,15 +162,19 @@ class ProjectionRule(UpdateRule):
     """
 
     def __init__(
-        self, method: str, *, rank: int, gap: int, scale: float, proj_method: str = "randomized",
-        power_iters: int = 2, oversample: int = 0, fira: bool = False, gamma: float = 1.01,
-        convention: str = "paper",
+        self, method: str, *, rank: int, gap: int, scale: float, proj_method: str = "auto",
+        power_iters: int = DEFAULT_POWER_ITERS, oversample: int = DEFAULT_OVERSAMPLE, fira: bool = False,
+        gamma: float = 1.01, convention: str = "paper",
     ):
         self.method = method
         self.rank, self.gap, self.scale = int(rank), int(gap), float(scale)
-        self.proj_method, self.power_iters, self.oversample = proj_method, int(power_iters), int(oversample)
-        self.fira, self.gamma = bool(fira), float(gamma)
         self.reference = convention == "reference"
+        self.proj_method = resolve_proj_method(proj_method, self.reference)
+        self.power_iters, self.oversample = int(power_iters), int(oversample)
+        self.fira, self.gamma = bool(fira), float(gamma)
+        # the released packages keep torch.linalg.svd's signs; the paper convention fixes them so the
+        # randomized and exact refreshes agree (docs/methods/galore-fira.md, Signs)
+        self.canonical_signs = not self.reference
         self.owners = OwnerRanks()
 
     # -- declarations ---------------------------------------------------------------------------
@@ -181,7 +207,7 @@ class ProjectionRule(UpdateRule):
         """A fresh projection (P, m x r, left; Q, r x n, right) from the current gradient, identical
         on every rank. Tests override it to fix the projection."""
         if self.proj_method == "svd":
-            return svd_projection(rows.gather_rows(rows.local), self.rank, side)
+            return svd_projection(rows.gather_rows(rows.local), self.rank, side, canonical=self.canonical_signs)
         return randomized_range(
             rows, self.rank, side, power_iters=self.power_iters, oversample=self.oversample, seed=seed,
         )
@@ -198,7 +224,9 @@ class ProjectionRule(UpdateRule):
         results = self.owners.run(
             jobs,
             gather=lambda job: job[0].grad.full_tensor(),
-            compute=lambda job, full: svd_projection(full, self.rank, std_side(job[1].shape)),
+            compute=lambda job, full: svd_projection(
+                full, self.rank, std_side(job[1].shape), canonical=self.canonical_signs
+            ),
             result_shape=shape, group=rows0.group, device=rows0.local.device,
         )
         return {id(job[0]): out for job, out in zip(jobs, results)}
@@ -246,7 +274,7 @@ class ProjectionRule(UpdateRule):
         if self.fira:
             back_low = p_rows @ low if side == "left" else low @ proj
             scaled = fira_residual(g, low, back_low, direction, side, self.scale if self.reference else 1.0)
-            limiter = fira_limiter(scaled, state["fira_prev"], rows, info.betas, t, self.gamma)
+            limiter = fira_limiter(scaled, state["fira_prev"], rows, info.betas, t, self.gamma, self.reference)
             p_local.addcdiv_(scaled.to(p_local.dtype), limiter, value=-info.lr)
         if self.reference:  # the released code decays the already-updated weight
             apply_weight_decay(p_local, info.lr, info.weight_decay)
