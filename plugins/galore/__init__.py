@@ -30,6 +30,16 @@ from slimtrain.registry import (
     check_range,
     hookimpl,
 )
+from slimtrain.registry.projected_moments import (
+    channel_ratio,
+    check_rank,
+    limiter_state_spec,
+    norm_growth_limiter,
+    project,
+    project_back,
+    projected_state_specs,
+    update_moments,
+)
 from slimtrain.registry.sharded import OwnerRanks, RowShards
 from slimtrain.registry.subspace import (
     DEFAULT_OVERSAMPLE,
@@ -41,7 +51,7 @@ from slimtrain.registry.subspace import (
     svd_projection,
 )
 from slimtrain.registry.tensors import local_tensor
-from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry.update_rule import RuleParam, StateSpec, StepInfo, UpdateRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +109,7 @@ def adam_direction(
     ``reference``: the released code's ``m / (sqrt(v) + eps) * sqrt(bc2) / bc1`` (eps before the
     bias correction)."""
     beta1, beta2 = betas
-    low_m = low.to(exp_avg.dtype)
-    exp_avg.lerp_(low_m, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low_m, low_m, value=1 - beta2)
+    update_moments(exp_avg, exp_avg_sq, low, betas)
     bc1 = 1 - beta1**t
     bc2 = 1 - beta2**t
     if reference:
@@ -123,10 +131,7 @@ def fira_residual(
     """Fira's scaled residual ``S = (G - P P^T G) * phi`` with ``phi = ||Adam(R)|| / ||R||`` per
     column (left projection) or per row (right). ``subtract``: the released code subtracts
     ``alpha P P^T G`` (not a residual for alpha != 1); the paper subtracts ``P P^T G``."""
-    dim = 0 if side == "left" else 1
-    norm = torch.linalg.vector_norm
-    phi = norm(direction, dim=dim, keepdim=True).div_(norm(low, dim=dim, keepdim=True).add_(1e-8))
-    return g.sub(back_low, alpha=subtract).mul_(phi)
+    return g.sub(back_low, alpha=subtract).mul_(channel_ratio(direction, low, side))
 
 
 def fira_limiter(
@@ -143,13 +148,9 @@ def fira_limiter(
 
     The first step after creation or a reset has prev = -1: the ratio is <= 0, the clamp gives gamma
     and the limiter 1, so that step is not limited, without a host sync."""
-    norm_ref = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt_()
-    if reference:
-        beta1, beta2 = betas
-        norm_ref.div_(math.sqrt(1 - beta2**t) / (1 - beta1**t))
-    limiter = torch.clamp(norm_ref / (prev + 1e-8), min=gamma).div_(gamma)
-    prev.copy_(norm_ref / limiter)
-    return limiter
+    beta1, beta2 = betas
+    c_t = math.sqrt(1 - beta2**t) / (1 - beta1**t) if reference else 1.0
+    return norm_growth_limiter(scaled, prev, rows, gamma, norm_divisor=c_t)
 
 
 class ProjectionRule(UpdateRule):
@@ -180,26 +181,12 @@ class ProjectionRule(UpdateRule):
     # -- declarations ---------------------------------------------------------------------------
     def check(self, spec: ParamSpec) -> None:
         super().check(spec)
-        m, n = spec.shape
-        if self.rank > min(m, n):
-            raise ConfigError(
-                f"[{self.method}] rank = {self.rank} is out of range for {spec.name} with shape "
-                f"{m} x {n}; allowed: [1, {min(m, n)}] (the smaller dimension)"
-            )
+        check_rank(self.method, self.rank, spec)
 
     def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
-        m, n = spec.shape
-        r = self.rank
-        left = std_side((m, n)) == "left"
-        low_shape, layout = ((r, n), "replicate") if left else ((m, r), "rows")
-        specs = [
-            StateSpec("step", (), torch.float32, OnReset.ZERO, host=True, counter=True),
-            StateSpec("proj", (m, r) if left else (r, n), torch.float32, OnReset.KEEP),
-            StateSpec("exp_avg", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
-            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
-        ]
+        specs = projected_state_specs(spec.shape, self.rank)
         if self.fira:
-            specs.append(StateSpec("fira_prev", (), torch.float32, OnReset.INIT, init_value=-1.0))
+            specs.append(limiter_state_spec("fira_prev"))
         return specs
 
     # -- refresh --------------------------------------------------------------------------------
@@ -254,25 +241,20 @@ class ProjectionRule(UpdateRule):
                 rows, side, refresh_seed(p.group_index, p.index, step_before)
             )
             proj_state.copy_(fresh)
-        proj = proj_state.float()
-        if side == "left":  # P: m x r; R = P^T G (r x n), replicated
-            p_rows = rows.my_rows(proj)
-            low = rows.allreduce(p_rows.T @ g)
-        else:  # Q: r x n; R = G Q^T (m x r), row-sharded like G
-            low = g @ proj.T
+        low, basis = project(rows, proj_state.float(), side)
         state["step"] += 1
         t = step_before + 1
         direction = adam_direction(
             local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), low, info.betas, info.eps, t, self.reference
         )
-        update = p_rows @ direction if side == "left" else direction @ proj
+        update = project_back(direction, basis, side)
 
         p_local = local_tensor(p.param.data)
         if not self.reference:
             apply_weight_decay(p_local, info.lr, info.weight_decay)
         p_local.add_(update.to(p_local.dtype), alpha=-info.lr * self.scale)
         if self.fira:
-            back_low = p_rows @ low if side == "left" else low @ proj
+            back_low = project_back(low, basis, side)
             scaled = fira_residual(g, low, back_low, direction, side, self.scale if self.reference else 1.0)
             limiter = fira_limiter(scaled, state["fira_prev"], rows, info.betas, t, self.gamma, self.reference)
             p_local.addcdiv_(scaled.to(p_local.dtype), limiter, value=-info.lr)
