@@ -18,8 +18,8 @@ PROJ_METHODS = ("auto", "randomized", "svd")
 
 #: the randomized refresh's defaults (chosen in docs/benchmarks/galore_refresh.md: within 1e-3 of the
 #: exact-SVD trajectory on full-rank noisy gradients, >= 5x faster than a full SVD at the 1B shapes)
-DEFAULT_POWER_ITERS = 2
-DEFAULT_OVERSAMPLE = 0
+DEFAULT_POWER_ITERS = 3
+DEFAULT_OVERSAMPLE = 8
 
 
 def resolve_proj_method(proj_method: str, reference: bool) -> str:
@@ -86,7 +86,8 @@ def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
 
 
 def randomized_range(
-    rows: RowShards, rank: int, side: str, *, power_iters: int = 2, oversample: int = 0, seed: int = 0,
+    rows: RowShards, rank: int, side: str, *, power_iters: int = DEFAULT_POWER_ITERS,
+    oversample: int = DEFAULT_OVERSAMPLE, seed: int = 0,
     normalizer: str = "lu",
 ) -> torch.Tensor:
     """The top-``rank`` singular vectors of the (row-sharded) gradient by a randomized SVD.
