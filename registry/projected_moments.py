@@ -98,6 +98,29 @@ def global_norm(t: torch.Tensor, rows: RowShards) -> torch.Tensor:
     return norm
 
 
+def scaled_norm(g: torch.Tensor, phi: torch.Tensor, rows: RowShards) -> torch.Tensor:
+    """``||g * phi||`` (a 0-d tensor) for a factor ``phi`` that broadcasts over the row-sharded g as a
+    scalar, a row (1 x n: per column of g) or a column (m x 1: per row), without forming ``g * phi``:
+    ``sum_j phi_j^2 ||g_j||^2`` over g's column or row norms, one read of g (one all-reduce of one
+    number when sharded). A rule that applies ``phi`` inside a fused update needs only this norm."""
+    if phi.numel() == 1:
+        sq = torch.linalg.vector_norm(g).square() * phi.reshape(()).square()
+    else:
+        dim = 0 if phi.shape[0] == 1 else 1
+        sq = torch.linalg.vector_norm(g, dim=dim, keepdim=True).square_().mul_(phi.square()).sum()
+    if rows.dist:
+        sq = rows.allreduce(sq.reshape(1))[0]
+    return sq.sqrt()
+
+
+def limiter_from_norm(norm: torch.Tensor, prev: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The norm-growth limiter from ``||S||`` (0-d): ``max(||S|| / (prev + 1e-8), gamma) / gamma``,
+    and ``prev = ||S|| / limiter`` in place (see ``norm_growth_limiter``)."""
+    limiter = torch.clamp(norm / (prev + NORM_EPS), min=gamma).div_(gamma)
+    prev.copy_(norm / limiter)
+    return limiter
+
+
 def norm_growth_limiter(
     scaled: torch.Tensor, prev: torch.Tensor, rows: RowShards, gamma: float, norm_divisor: float = 1.0
 ) -> torch.Tensor:
@@ -110,6 +133,4 @@ def norm_growth_limiter(
     norm = global_norm(scaled, rows)[0]
     if norm_divisor != 1.0:
         norm = norm / norm_divisor
-    limiter = torch.clamp(norm / (prev + NORM_EPS), min=gamma).div_(gamma)
-    prev.copy_(norm / limiter)
-    return limiter
+    return limiter_from_norm(norm, prev, gamma)
