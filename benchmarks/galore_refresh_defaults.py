@@ -12,13 +12,16 @@ interleaved in one process (round-robin, minimum over rounds), 1 thread.
 
     .venv/bin/python benchmarks/galore_refresh_defaults.py [--rounds 2] [--no-write] [--skip-accuracy]
 
-Writes its section of docs/benchmarks/galore_refresh.md (between the markers below).
+Writes its section of docs/benchmarks/galore_refresh.md (between the markers below) and the
+accuracy rows to docs/benchmarks/galore_refresh_defaults.json (``--skip-accuracy`` re-times the
+refreshes and keeps those rows: the accuracy part takes minutes, and it does not depend on load).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import ast
+import json
 import sys
 import time
 from pathlib import Path
@@ -163,6 +166,27 @@ def render(acc: list[dict] | None, times: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+ACCURACY_JSON = ROOT / "docs" / "benchmarks" / "galore_refresh_defaults.json"
+
+
+def save_accuracy(acc: list[dict]) -> None:
+    rows = [{**r, "shape": list(r["shape"]), "gaps": {f"{q},{o}": v for (q, o), v in r["gaps"].items()}} for r in acc]
+    ACCURACY_JSON.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def load_accuracy(path: Path = ACCURACY_JSON) -> list[dict]:
+    rows = json.loads(path.read_text())
+    return [
+        {**r, "shape": tuple(r["shape"]), "gaps": {tuple(map(int, k.split(","))): v for k, v in r["gaps"].items()}}
+        for r in rows
+    ]
+
+
+def accuracy_from_log(path: str) -> list[dict]:
+    """The accuracy rows a previous run printed (one dict a line)."""
+    return [ast.literal_eval(line) for line in Path(path).read_text().splitlines() if line.startswith("{'noise'")]
+
+
 def write(section: str) -> None:
     path = ROOT / "docs" / "benchmarks" / "galore_refresh.md"
     text = path.read_text()
@@ -179,9 +203,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--accuracy-from-log", help="take the accuracy rows from a previous run's printed output")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    acc = None if args.skip_accuracy else accuracy()
+    if args.accuracy_from_log:
+        acc = accuracy_from_log(args.accuracy_from_log)
+    elif args.skip_accuracy:
+        acc = load_accuracy() if ACCURACY_JSON.exists() else None
+    else:
+        acc = accuracy()
+    if acc and not args.no_write:
+        save_accuracy(acc)
     times = speed(args.rounds)
     section = render(acc, times)
     print(section)
