@@ -31,6 +31,7 @@ from tests.methods.test_frontier_reference import load_apollo_torch  # noqa: E40
 
 DATE = "2026-12-06"
 DEVICE = "2-core CPU, torch 2.13.0+cpu, 1 thread"
+KEEP_MARKER = "<!-- written by hand below this line; benchmarks/apollo_step_time.py keeps it -->"
 FLAVORS = {"60m": (512, 1376, 128), "1b": (2048, 5461, 512)}  # dim, FFN, APOLLO rank (the recipes' scripts)
 CASES = {  # method: (section options, package group options)
     "apollo": (dict(scale=1.0), dict(scale=1.0, scale_type="channel")),
@@ -135,7 +136,9 @@ def main() -> None:
     text = render(rows, args.steps)
     print(text)
     if not args.no_write:
-        (ROOT / "docs" / "benchmarks" / "apollo_step_time.md").write_text(text)
+        out = ROOT / "docs" / "benchmarks" / "apollo_step_time.md"
+        kept = out.read_text().split(KEEP_MARKER, 1) if out.exists() else []
+        out.write_text(text + "\n" + KEEP_MARKER + (kept[1] if len(kept) == 2 else "\n"))
 
 
 if __name__ == "__main__":
