@@ -102,15 +102,18 @@ def scaled_norm(g: torch.Tensor, phi: torch.Tensor, rows: RowShards) -> torch.Te
     """``||g * phi||`` (a 0-d tensor) for a factor ``phi`` that broadcasts over the row-sharded g as a
     scalar, a row (1 x n: per column of g) or a column (m x 1: per row), without forming ``g * phi``:
     ``sum_j phi_j^2 ||g_j||^2`` over g's column or row norms, one read of g (one all-reduce of one
-    number when sharded). A rule that applies ``phi`` inside a fused update needs only this norm."""
+    number when sharded). A rule that applies ``phi`` inside a fused update needs only this norm.
+    Accumulated in float64: the sum's order differs between a sharded and an unsharded run, and the
+    limiter feeds it back into every later step, so its rounding should not depend on the sharding."""
+    f64 = torch.float64
     if phi.numel() == 1:
-        sq = torch.linalg.vector_norm(g).square() * phi.reshape(()).square()
+        sq = torch.linalg.vector_norm(g, dtype=f64).square() * phi.reshape(()).to(f64).square()
     else:
         dim = 0 if phi.shape[0] == 1 else 1
-        sq = torch.linalg.vector_norm(g, dim=dim, keepdim=True).square_().mul_(phi.square()).sum()
+        sq = torch.linalg.vector_norm(g, dim=dim, keepdim=True, dtype=f64).square_().mul_(phi.to(f64).square()).sum()
     if rows.dist:
         sq = rows.allreduce(sq.reshape(1))[0]
-    return sq.sqrt()
+    return sq.sqrt().to(phi.dtype)
 
 
 def limiter_from_norm(norm: torch.Tensor, prev: torch.Tensor, gamma: float) -> torch.Tensor:
