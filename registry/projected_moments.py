@@ -91,11 +91,8 @@ def channel_ratio(direction: torch.Tensor, low: torch.Tensor, side: str) -> torc
 
 def global_norm(t: torch.Tensor, rows: RowShards) -> torch.Tensor:
     """``||t||`` of a row-sharded tensor as a 1-element tensor (one all-reduce of one number when
-    sharded; no full-size temporary)."""
-    norm = torch.linalg.vector_norm(t).reshape(1)
-    if rows.dist:
-        return rows.allreduce(norm.square_()).sqrt_()
-    return norm
+    sharded)."""
+    return rows.allreduce(t.square().sum().reshape(1)).sqrt_()
 
 
 def scaled_norm(g: torch.Tensor, phi: torch.Tensor, rows: RowShards) -> torch.Tensor:
