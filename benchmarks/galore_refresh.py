@@ -33,7 +33,8 @@ RANK = 512
 KEEP_MARKER = "<!-- written by hand below this line; benchmarks/galore_refresh.py keeps it when it rewrites the file -->"
 # (label, power iterations, oversampling, normalizer between iterations)
 VARIANTS = [
-    ("randomized, 2 power iters, LU (default)", 2, 0, "lu"),
+    ("randomized, 3 power iters, oversample 8, LU (default since 2026-12-06)", 3, 8, "lu"),
+    ("randomized, 2 power iters, LU (default until 2026-12-06)", 2, 0, "lu"),
     ("randomized, 2 power iters, QR between iters", 2, 0, "qr"),
     ("randomized, 1 power iter, LU", 1, 0, "lu"),
     ("randomized, 2 iters, oversample 16, LU", 2, 16, "lu"),
@@ -160,7 +161,7 @@ def real_gradient_quality(steps: int, gap: int, seed: int = 0) -> list[dict]:
                 side, rank = std_side(tuple(g.shape)), min(g.shape) // 4
                 exact = svd_projection(g, rank, side)
                 for label, iters in REAL_VARIANTS:
-                    approx = randomized_range(RowShards(g), rank, side, power_iters=iters, seed=step)
+                    approx = randomized_range(RowShards(g), rank, side, power_iters=iters, oversample=0, seed=step)
                     energies[label].append(captured_energy(g, approx, exact, side))
                 if name in previous:
                     energies["previous refresh's exact projection"].append(captured_energy(g, previous[name], exact, side))

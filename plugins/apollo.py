@@ -36,13 +36,22 @@ import math
 import torch
 
 from slimtrain.registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_choice, check_range, hookimpl
+from slimtrain.registry.projected_moments import (
+    NORM_EPS,
+    channel_ratio,
+    check_rank,
+    limiter_state_spec,
+    norm_growth_limiter,
+    project,
+    projected_state_specs,
+    update_moments,
+)
 from slimtrain.registry.sharded import RowShards
 from slimtrain.registry.subspace import refresh_seed, std_side
 from slimtrain.registry.tensors import local_tensor
-from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry.update_rule import RuleParam, StateSpec, StepInfo, UpdateRule
 
 SCALE_TYPES = ("channel", "tensor")
-NORM_EPS = 1e-8  # added to ||R|| in the scaling factor and to prev in the limiter (the package's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,20 +106,8 @@ def apollo_adam(
 ) -> torch.Tensor:
     """Update the moments with ``low`` in place; return ``m / (sqrt(v) + eps)`` (no bias correction:
     the package folds it into the step size)."""
-    beta1, beta2 = betas
-    low_m = low.to(exp_avg.dtype)
-    exp_avg.mul_(beta1).add_(low_m, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low_m, low_m, value=1 - beta2)
+    update_moments(exp_avg, exp_avg_sq, low, betas)
     return exp_avg.float() / exp_avg_sq.float().sqrt().add_(eps)
-
-
-def channel_factor(direction: torch.Tensor, low: torch.Tensor, side: str) -> torch.Tensor:
-    """``||Adam(R)_j|| / (||R_j|| + 1e-8)`` per channel, shaped to broadcast over G: per column of G
-    (1 x n) for the left projection, per row (m x 1) for the right one. Local on any shard: a left R is
-    replicated, a right R's rows are G's rows."""
-    dim = 0 if side == "left" else 1
-    norm = torch.linalg.vector_norm
-    return norm(direction, dim=dim, keepdim=True) / (norm(low, dim=dim, keepdim=True) + NORM_EPS)
 
 
 def tensor_factor(direction: torch.Tensor, low: torch.Tensor, rows: RowShards | None) -> torch.Tensor:
@@ -120,18 +117,6 @@ def tensor_factor(direction: torch.Tensor, low: torch.Tensor, rows: RowShards | 
     if rows is not None:
         sums = rows.allreduce(sums)
     return sums[0].sqrt() / (sums[1].sqrt() + NORM_EPS)
-
-
-def norm_growth_limiter(
-    scaled: torch.Tensor, prev: torch.Tensor, rows: RowShards, gamma: float
-) -> torch.Tensor:
-    """Fira's limiter as apollo-torch applies it: returns ``max(||S|| / (prev + 1e-8), gamma) / gamma``
-    and sets ``prev = ||S|| / limiter``. With prev = -1 (created or reset) the ratio is negative, the
-    limiter 1 and prev becomes ||S||: the package's first step, without a host sync."""
-    norm = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt()
-    limiter = torch.clamp(norm / (prev + NORM_EPS), min=gamma) / gamma
-    prev.copy_(norm / limiter)
-    return limiter
 
 
 class ApolloRule(UpdateRule):
@@ -144,26 +129,12 @@ class ApolloRule(UpdateRule):
 
     def check(self, spec: ParamSpec) -> None:
         super().check(spec)
-        m, n = spec.shape
-        if self.rank > min(m, n):
-            raise ConfigError(
-                f"[{self.method}] rank = {self.rank} is out of range for {spec.name} with shape "
-                f"{m} x {n}; allowed: [1, {min(m, n)}] (the smaller dimension)"
-            )
+        check_rank(self.method, self.rank, spec)
 
     def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
-        m, n = spec.shape
-        r = self.rank
-        left = std_side((m, n)) == "left"
-        low_shape, layout = ((r, n), "replicate") if left else ((m, r), "rows")
-        specs = [
-            StateSpec("step", (), torch.float32, OnReset.ZERO, host=True, counter=True),
-            StateSpec("proj", (m, r) if left else (r, n), torch.float32, OnReset.KEEP),
-            StateSpec("exp_avg", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
-            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, non_negative=True, layout=layout),
-        ]
+        specs = projected_state_specs(spec.shape, self.rank)
         if self.limiter:
-            specs.append(StateSpec("limiter_prev", (), torch.float32, OnReset.INIT, init_value=-1.0))
+            specs.append(limiter_state_spec("limiter_prev"))
         return specs
 
     def projection_seed(self, p: RuleParam, step_before: int) -> int:
@@ -185,16 +156,12 @@ class ApolloRule(UpdateRule):
         if step_before % self.gap == 0:
             shape = (m, self.rank) if side == "left" else (self.rank, n)
             proj_state.copy_(gaussian_projection(shape, self.rank, self.projection_seed(p, step_before), g.device))
-        proj = proj_state.float()
-        if side == "left":  # R = P^T G = sum_k P_k^T G_k (r x n, replicated)
-            low = rows.allreduce(rows.my_rows(proj).T @ g)
-        else:  # R = G Q^T (m x r), row-sharded like G
-            low = g @ proj.T
+        low, _ = project(rows, proj_state.float(), side)
         state["step"] += 1
         t = step_before + 1
         direction = apollo_adam(local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), low, info.betas, info.eps)
         if self.scale_type == "channel":
-            phi = channel_factor(direction, low, side)
+            phi = channel_ratio(direction, low, side)  # ||Adam(R)_j|| / (||R_j|| + 1e-8)
         else:
             phi = tensor_factor(direction, low, rows if side == "right" else None)
         scaled = g * phi

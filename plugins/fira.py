@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from slimtrain.registry import DEFAULT_TARGETS, check_range, hookimpl
+from slimtrain.registry.subspace import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
 
 from slimtrain.plugins.galore import GaLore, ProjectionRule, validate_projection
 
@@ -24,9 +25,9 @@ class FiraConfig:
     update_proj_gap: int = 200
     scale: float = 0.25  # the paper's alpha
     gamma: float = 1.01  # norm-growth limiter
-    proj_method: str = "randomized"
-    power_iters: int = 2
-    oversample: int = 0
+    proj_method: str = "auto"  # "auto": svd under convention "reference", else randomized
+    power_iters: int = DEFAULT_POWER_ITERS
+    oversample: int = DEFAULT_OVERSAMPLE
     convention: str = "paper"  # "paper" (the paper's equations) or "reference" (fira 1.0.2's code)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)

@@ -30,10 +30,28 @@ from slimtrain.registry import (
     check_range,
     hookimpl,
 )
+from slimtrain.registry.projected_moments import (
+    channel_ratio,
+    check_rank,
+    limiter_state_spec,
+    norm_growth_limiter,
+    project,
+    project_back,
+    projected_state_specs,
+    update_moments,
+)
 from slimtrain.registry.sharded import OwnerRanks, RowShards
-from slimtrain.registry.subspace import randomized_range, refresh_seed, std_side, svd_projection
+from slimtrain.registry.subspace import (
+    DEFAULT_OVERSAMPLE,
+    DEFAULT_POWER_ITERS,
+    randomized_range,
+    refresh_seed,
+    resolve_proj_method,
+    std_side,
+    svd_projection,
+)
 from slimtrain.registry.tensors import local_tensor
-from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry.update_rule import RuleParam, StateSpec, StepInfo, UpdateRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +59,9 @@ class GaLoreConfig:
     rank: int = 128
     update_proj_gap: int = 200
     scale: float = 0.25
-    proj_method: str = "randomized"  # "randomized" (range finder) or "svd" (the reference's)
-    power_iters: int = 2
-    oversample: int = 0  # extra sketch columns of the range finder (rank + oversample, capped)
+    proj_method: str = "auto"  # "auto" (svd under convention "reference", else randomized), "randomized", "svd"
+    power_iters: int = DEFAULT_POWER_ITERS  # the randomized refresh's power iterations
+    oversample: int = DEFAULT_OVERSAMPLE  # extra sketch columns of the range finder (rank + oversample, capped)
     convention: str = "paper"  # "paper" (the papers' equations) or "reference" (galore-torch 1.0's code)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
@@ -63,6 +81,12 @@ def validate_projection(cfg: Any, section: str) -> None:
     check_range(section, "power_iters", cfg.power_iters, low=0)
     check_range(section, "oversample", cfg.oversample, low=0)
     check_choice(section, "convention", cfg.convention, CONVENTIONS)
+    if cfg.convention == "reference" and cfg.proj_method == "randomized":
+        package = "galore-torch 1.0" if section == "galore" else "fira 1.0.2"
+        raise ConfigError(
+            f"[{section}] proj_method = 'randomized' contradicts convention = 'reference': the released "
+            f"{package} refreshes by a full SVD; leave proj_method at 'auto' or set 'svd'"
+        )
     if not cfg.targets:
         raise ConfigError(f"[{section}] targets = () is empty; name at least one module pattern")
     if not cfg.roles:
@@ -85,9 +109,7 @@ def adam_direction(
     ``reference``: the released code's ``m / (sqrt(v) + eps) * sqrt(bc2) / bc1`` (eps before the
     bias correction)."""
     beta1, beta2 = betas
-    low_m = low.to(exp_avg.dtype)
-    exp_avg.lerp_(low_m, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low_m, low_m, value=1 - beta2)
+    update_moments(exp_avg, exp_avg_sq, low, betas)
     bc1 = 1 - beta1**t
     bc2 = 1 - beta2**t
     if reference:
@@ -109,25 +131,26 @@ def fira_residual(
     """Fira's scaled residual ``S = (G - P P^T G) * phi`` with ``phi = ||Adam(R)|| / ||R||`` per
     column (left projection) or per row (right). ``subtract``: the released code subtracts
     ``alpha P P^T G`` (not a residual for alpha != 1); the paper subtracts ``P P^T G``."""
-    dim = 0 if side == "left" else 1
-    norm = torch.linalg.vector_norm
-    phi = norm(direction, dim=dim, keepdim=True).div_(norm(low, dim=dim, keepdim=True).add_(1e-8))
-    return g.sub(back_low, alpha=subtract).mul_(phi)
+    return g.sub(back_low, alpha=subtract).mul_(channel_ratio(direction, low, side))
 
 
 def fira_limiter(
-    scaled: torch.Tensor, prev: torch.Tensor, rows: RowShards, betas: tuple[float, float], t: int, gamma: float
+    scaled: torch.Tensor, prev: torch.Tensor, rows: RowShards, betas: tuple[float, float], t: int, gamma: float,
+    reference: bool = False,
 ) -> torch.Tensor:
     """The norm-growth limiter ``max(||S|| / prev, gamma) / gamma`` (updates ``prev`` in place).
+
+    Paper (default): ``S`` is the scaled residual as applied (built from the bias-corrected Adam
+    direction), compared with the previous step's limited ``||S||``, the Fira paper's statement.
+    ``reference``: fira 1.0.2 limits the residual built from ``m / (sqrt(v) + eps)`` before the
+    bias-correction factor ``c_t = sqrt(1 - b2^t) / (1 - b1^t)`` (folded into its step size); our
+    reference direction carries c_t, so its norm is divided by c_t to compare the package's quantity.
 
     The first step after creation or a reset has prev = -1: the ratio is <= 0, the clamp gives gamma
     and the limiter 1, so that step is not limited, without a host sync."""
     beta1, beta2 = betas
-    c_t = math.sqrt(1 - beta2**t) / (1 - beta1**t)
-    norm_ref = rows.allreduce(scaled.square().sum().reshape(1))[0].sqrt_().div_(c_t)
-    limiter = torch.clamp(norm_ref / (prev + 1e-8), min=gamma).div_(gamma)
-    prev.copy_(norm_ref / limiter)
-    return limiter
+    c_t = math.sqrt(1 - beta2**t) / (1 - beta1**t) if reference else 1.0
+    return norm_growth_limiter(scaled, prev, rows, gamma, norm_divisor=c_t)
 
 
 class ProjectionRule(UpdateRule):
@@ -140,40 +163,30 @@ class ProjectionRule(UpdateRule):
     """
 
     def __init__(
-        self, method: str, *, rank: int, gap: int, scale: float, proj_method: str = "randomized",
-        power_iters: int = 2, oversample: int = 0, fira: bool = False, gamma: float = 1.01,
-        convention: str = "paper",
+        self, method: str, *, rank: int, gap: int, scale: float, proj_method: str = "auto",
+        power_iters: int = DEFAULT_POWER_ITERS, oversample: int = DEFAULT_OVERSAMPLE, fira: bool = False,
+        gamma: float = 1.01, convention: str = "paper",
     ):
         self.method = method
         self.rank, self.gap, self.scale = int(rank), int(gap), float(scale)
-        self.proj_method, self.power_iters, self.oversample = proj_method, int(power_iters), int(oversample)
-        self.fira, self.gamma = bool(fira), float(gamma)
         self.reference = convention == "reference"
+        self.proj_method = resolve_proj_method(proj_method, self.reference)
+        self.power_iters, self.oversample = int(power_iters), int(oversample)
+        self.fira, self.gamma = bool(fira), float(gamma)
+        # the released packages keep torch.linalg.svd's signs; the paper convention fixes them so the
+        # randomized and exact refreshes agree (docs/methods/galore-fira.md, Signs)
+        self.canonical_signs = not self.reference
         self.owners = OwnerRanks()
 
     # -- declarations ---------------------------------------------------------------------------
     def check(self, spec: ParamSpec) -> None:
         super().check(spec)
-        m, n = spec.shape
-        if self.rank > min(m, n):
-            raise ConfigError(
-                f"[{self.method}] rank = {self.rank} is out of range for {spec.name} with shape "
-                f"{m} x {n}; allowed: [1, {min(m, n)}] (the smaller dimension)"
-            )
+        check_rank(self.method, self.rank, spec)
 
     def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
-        m, n = spec.shape
-        r = self.rank
-        left = std_side((m, n)) == "left"
-        low_shape, layout = ((r, n), "replicate") if left else ((m, r), "rows")
-        specs = [
-            StateSpec("step", (), torch.float32, OnReset.ZERO, host=True, counter=True),
-            StateSpec("proj", (m, r) if left else (r, n), torch.float32, OnReset.KEEP),
-            StateSpec("exp_avg", low_shape, None, OnReset.ZERO, moment=True, layout=layout),
-            StateSpec("exp_avg_sq", low_shape, None, OnReset.ZERO, moment=True, non_negative=True, layout=layout),
-        ]
+        specs = projected_state_specs(spec.shape, self.rank)
         if self.fira:
-            specs.append(StateSpec("fira_prev", (), torch.float32, OnReset.INIT, init_value=-1.0))
+            specs.append(limiter_state_spec("fira_prev"))
         return specs
 
     # -- refresh --------------------------------------------------------------------------------
@@ -181,7 +194,7 @@ class ProjectionRule(UpdateRule):
         """A fresh projection (P, m x r, left; Q, r x n, right) from the current gradient, identical
         on every rank. Tests override it to fix the projection."""
         if self.proj_method == "svd":
-            return svd_projection(rows.gather_rows(rows.local), self.rank, side)
+            return svd_projection(rows.gather_rows(rows.local), self.rank, side, canonical=self.canonical_signs)
         return randomized_range(
             rows, self.rank, side, power_iters=self.power_iters, oversample=self.oversample, seed=seed,
         )
@@ -198,7 +211,9 @@ class ProjectionRule(UpdateRule):
         results = self.owners.run(
             jobs,
             gather=lambda job: job[0].grad.full_tensor(),
-            compute=lambda job, full: svd_projection(full, self.rank, std_side(job[1].shape)),
+            compute=lambda job, full: svd_projection(
+                full, self.rank, std_side(job[1].shape), canonical=self.canonical_signs
+            ),
             result_shape=shape, group=rows0.group, device=rows0.local.device,
         )
         return {id(job[0]): out for job, out in zip(jobs, results)}
@@ -226,27 +241,22 @@ class ProjectionRule(UpdateRule):
                 rows, side, refresh_seed(p.group_index, p.index, step_before)
             )
             proj_state.copy_(fresh)
-        proj = proj_state.float()
-        if side == "left":  # P: m x r; R = P^T G (r x n), replicated
-            p_rows = rows.my_rows(proj)
-            low = rows.allreduce(p_rows.T @ g)
-        else:  # Q: r x n; R = G Q^T (m x r), row-sharded like G
-            low = g @ proj.T
+        low, basis = project(rows, proj_state.float(), side)
         state["step"] += 1
         t = step_before + 1
         direction = adam_direction(
             local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), low, info.betas, info.eps, t, self.reference
         )
-        update = p_rows @ direction if side == "left" else direction @ proj
+        update = project_back(direction, basis, side)
 
         p_local = local_tensor(p.param.data)
         if not self.reference:
             apply_weight_decay(p_local, info.lr, info.weight_decay)
         p_local.add_(update.to(p_local.dtype), alpha=-info.lr * self.scale)
         if self.fira:
-            back_low = p_rows @ low if side == "left" else low @ proj
+            back_low = project_back(low, basis, side)
             scaled = fira_residual(g, low, back_low, direction, side, self.scale if self.reference else 1.0)
-            limiter = fira_limiter(scaled, state["fira_prev"], rows, info.betas, t, self.gamma)
+            limiter = fira_limiter(scaled, state["fira_prev"], rows, info.betas, t, self.gamma, self.reference)
             p_local.addcdiv_(scaled.to(p_local.dtype), limiter, value=-info.lr)
         if self.reference:  # the released code decays the already-updated weight
             apply_weight_decay(p_local, info.lr, info.weight_decay)

@@ -16,14 +16,14 @@ import torch
 
 from slimtrain.registry.composed_optimizer import ComposedOptimizer
 from slimtrain.registry.method import ParamSpec
-from slimtrain.registry.subspace import PROJ_METHODS
+from slimtrain.registry.subspace import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, PROJ_METHODS
 
 __all__ = ["PROJECTION_KEYS", "PROJ_METHODS", "ProjectedAdamW"]
 
 #: group keys that switch a group to projection
 PROJECTION_KEYS = (
     "proj_rank", "proj_gap", "proj_scale", "proj_method", "proj_power_iters", "proj_oversample", "fira", "fira_gamma",
-    "proj_convention",
+    "proj_convention", "proj_canonical_signs",
 )
 
 
@@ -55,10 +55,13 @@ class ProjectedAdamW(ComposedOptimizer):
                 name = f"projected{gi}"
                 rule = ProjectionRule(
                     name, rank=g["proj_rank"], gap=g.get("proj_gap", 200), scale=g.get("proj_scale", 1.0),
-                    proj_method=g.get("proj_method", "randomized"), power_iters=g.get("proj_power_iters", 2),
-                    oversample=g.get("proj_oversample", 0), fira=g.get("fira", False), gamma=g.get("fira_gamma", 1.01),
+                    proj_method=g.get("proj_method", "auto"),
+                    power_iters=g.get("proj_power_iters", DEFAULT_POWER_ITERS),
+                    oversample=g.get("proj_oversample", DEFAULT_OVERSAMPLE), fira=g.get("fira", False), gamma=g.get("fira_gamma", 1.01),
                     convention=g.get("proj_convention", "paper"),
                 )
+                if "proj_canonical_signs" in g:  # tests: the sign rule apart from the convention
+                    rule.canonical_signs = bool(g["proj_canonical_signs"])
                 rule.compute_projection = self._refresh_of(gi)
             else:
                 name = "adamw"
