@@ -44,11 +44,13 @@ def launch_ranks(script: str | Path, world: int, shard: bool, out_dir: Path, *, 
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
-def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str):
+def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str, replicate: int = 1):
     """A small torchtitan LLaMA with ``comp``'s parametrizations, FSDP2-sharded per block when
     ``shard``, every parameter written from a generator seeded by ``seed_label`` and its name (a
     rank-independent stand-in for the model's own init: torch's RNG on DTensor shards is not), then
-    the parametrizations initialized."""
+    the parametrizations initialized. ``replicate > 1``: HSDP, a (replicate, world / replicate)
+    mesh whose parameters are ``(Replicate(), Shard(0))``, as torchtitan's
+    ``data_parallel_replicate_degree`` builds it."""
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
     from slimtrain.registry.parametrization import seeded_generator
@@ -61,7 +63,10 @@ def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        if replicate > 1:
+            mesh = init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
         for block in model.layers.values():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)

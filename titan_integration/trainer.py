@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
-from slimtrain.titan_integration import context, data, memory, preflight, safe_checkpoint, spec  # noqa: E402
+from slimtrain.titan_integration import context, data, memory, parallel_checks, preflight, safe_checkpoint, spec  # noqa: E402
 from slimtrain.titan_integration.converter import CONVERTER_NAME  # noqa: E402
 from slimtrain.titan_integration.flavors import FLAVORS, ffn_hidden_dim  # noqa: E402
 from slimtrain.titan_integration.optimizer import SlimtrainOptimizersContainer  # noqa: E402
@@ -91,6 +91,7 @@ class SlimTrainer(Trainer):
         composition = context.composition_for(job_config)
         model_args = FLAVORS[job_config.model.flavor]
         preflight.check_before_model(job_config, composition, model_args)
+        parallel_checks.check_before_model(job_config, composition, model_args)  # degrees vs world, flavor, recipe
         safe_checkpoint.install()  # before anything could load a checkpoint
         data.prepare_run_data(job_config, vocab_size=model_args.vocab_size)
         self._pending_losses: list[torch.Tensor] = []
