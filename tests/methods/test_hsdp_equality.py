@@ -93,7 +93,14 @@ def run_recipe(name: str, rank: int, world: int, shard: bool, counters) -> dict[
         opt.zero_grad()
         comp.after_step(StepContext(step, [model], [opt]))
         losses.append(loss.detach())
+    from slimtrain.registry.tensors import local_tensor
+
+    nbytes = lambda t: local_tensor(t).numel() * local_tensor(t).element_size()  # noqa: E731
     out = {k: full_tensor(v).clone() for k, v in model.state_dict().items()}
+    # what this rank holds: its parameter shards and its optimizer state (non-scalar), fp32
+    out["_local_param_bytes"] = torch.tensor(sum(nbytes(p) for p in model.parameters()))
+    out["_local_state_bytes"] = torch.tensor(sum(nbytes(t) for st in opt.state.values() for t in st.values()
+                                                 if torch.is_tensor(t) and t.ndim > 0))
     out["_losses"] = torch.stack(losses)
     out["_comm_bytes_per_step"] = torch.tensor(0 if comm is None else comm.bytes / STEPS)
     out["_whole_matrix_calls"] = torch.tensor(whole.calls)
@@ -180,6 +187,29 @@ def test_hsdp_communication_per_rank_per_step(runs):
     assert got["scale"] == 4 * d
     hidden = layers * (4 * d * d + 3 * ffn * d)
     assert got["muon"] == 2 * 4 * hidden
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "galore", "muon", "sltrain_apollo_mini"])
+def test_rank_memory_model_matches_the_shards(runs, recipe):
+    """slimtrain memory's per-rank model (registry/parallel_memory.py) at dp_shard 2 x dp_replicate 2
+    gives the parameter and optimizer-state bytes each HSDP rank really holds (fp32), within 1%;
+    replication divides nothing (every rank of the 2 x 2 mesh holds a half, not a quarter)."""
+    from slimtrain.registry import compose, llama_dense_specs
+    from slimtrain.registry.parallel_memory import Degrees, rank_memory
+
+    methods, sections = RECIPES[recipe]
+    d = TINY
+    ffn = 96
+    kw = dict(dim=d["dim"], ffn=ffn, layers=d["n_layers"], heads=d["n_heads"], vocab=d["vocab_size"], seq_len=12,
+              bytes_per_element=4)
+    dense = llama_dense_specs(d["dim"], ffn, d["n_layers"], d["vocab_size"], d["n_heads"])
+    one = rank_memory(compose(methods, sections), dense, degrees=Degrees(), batch=4, **kw)
+    m = rank_memory(compose(methods, sections), dense, degrees=Degrees(dp_shard=2, dp_replicate=2), batch=4, **kw)
+    for rank_result in runs["hsdp"]:
+        got = rank_result[recipe]
+        assert m.weights == pytest.approx(int(got["_local_param_bytes"]), rel=0.01)
+        assert m.optimizer == pytest.approx(int(got["_local_state_bytes"]), rel=0.01)
+    assert m.weights == pytest.approx(one.weights / 2, rel=1e-6) and m.local_batch == 1
 
 
 if __name__ == "__main__":
