@@ -2,10 +2,15 @@
 
 * HSDP (``data_parallel_replicate_degree 2`` x ``data_parallel_shard_degree 2``): every recipe resumes
   bitwise (STEPS straight == HALF + resume, refreshes / refactorizations / merges / resets every 2
-  steps inside the window: helpers.RECIPE_OVERRIDES), and its losses equal FSDP2 over the same 4
-  ranks (``data_parallel_shard_degree 4``: the same data split, so only the reduction order differs);
-* FSDP 2 x TP 2 (torchtitan's Llama TP plan): full_rank trains, resumes bitwise and equals FSDP2 x 4;
-  every other recipe is refused before the model with the reason (parallel_checks.py).
+  steps inside the window: helpers.RECIPE_OVERRIDES);
+* the HSDP checkpoint of step HALF loads under FSDP2 over the same 4 ranks (``data_parallel_shard_degree
+  4``, ``--checkpoint.initial_load_path``, model + optimizer + data position) and the steps after it
+  equal the HSDP run's (same data split, other reduction order; torchtitan's init is not seeded
+  across meshes, so a shared checkpoint is how two meshes start from the same weights);
+* FSDP 2 x TP 2 (torchtitan's Llama TP plan): full_rank trains and resumes bitwise, and loads the
+  HSDP checkpoint (DCP reshards it onto the TP placements; the data position is not loaded:
+  torchtitan's loader cannot reshard it from 4 to 2 data-parallel ranks); every other recipe is
+  refused before the model with the reason (parallel_checks.py).
 
 Equality with ONE rank is checked per rule at the unit level (tests/methods/test_hsdp_equality.py):
 at one rank torchtitan's loader packs other sequences into the batch than 4 ranks read.
@@ -30,6 +35,21 @@ TP_RECIPES = ["full_rank"]
 #: |loss(HSDP or TP) - loss(FSDP2 x 4)| per step, fp32. Measured 2026-12-06 (2-core CPU, torch
 #: 2.13.0+cpu, gloo): see the test docstrings.
 LOSS_TOL = 1e-4
+
+
+def _from_checkpoint(recipe: str, mesh: list[str], tag: str, a, work, exclude: list[str] = ()) -> dict:
+    """STEPS steps on ``mesh``, starting from the HSDP run's step-HALF checkpoint (everything in it
+    but ``exclude``)."""
+    base = ["--job.config_file", f"plugins/{recipe}.toml", *offline_args(a), *RECIPE_OVERRIDES[recipe], *mesh,
+            "--validation.freq", "100"]
+    out = work / f"{recipe}_{tag}_straight"
+    load = ["--checkpoint.initial_load_path", str(work / f"{recipe}_hsdp_resumed" / "checkpoint" / f"step-{HALF}"),
+            "--checkpoint.no_initial_load_model_only"]
+    if exclude:
+        load += ["--checkpoint.exclude_from_loading", ",".join(exclude)]
+    return {"name": f"{recipe}/{tag}/straight", "args": [*base, *load, "--training.steps", str(STEPS),
+                                                         "--job.dump_folder", str(out),
+                                                         "--slimtrain.loss_log", f"{out}.jsonl"]}
 
 
 def _runs(recipe: str, mesh: list[str], tag: str, a, work, resume: bool = True) -> list[dict]:
@@ -57,13 +77,22 @@ def _losses(work, recipe, tag, kind="straight") -> list[float]:
     return [e["loss"] for e in train]
 
 
+def _steps(work, recipe, tag, kind="straight") -> list[int]:
+    train, _ = read_log(work / f"{recipe}_{tag}_{kind}.jsonl")
+    return [e["step"] for e in train]
+
+
 @pytest.fixture(scope="module")
 def results(offline_assets, tmp_path_factory):
     work = tmp_path_factory.mktemp("meshes")
     runs = []
     for r in RECIPE_OVERRIDES:
-        runs += _runs(r, HSDP, "hsdp", offline_assets, work)
-        runs += _runs(r, FSDP4, "fsdp4", offline_assets, work, resume=False)
+        straight, half, resume = _runs(r, HSDP, "hsdp", offline_assets, work)
+        # FSDP2 x 4 (and TP) from the half checkpoint before the HSDP resume adds later ones
+        runs += [straight, half, _from_checkpoint(r, FSDP4, "fsdp4", offline_assets, work)]
+        if r in TP_RECIPES:
+            runs.append(_from_checkpoint(r, TP, "tp_from_hsdp", offline_assets, work, exclude=["dataloader"]))
+        runs.append(resume)
     for r in RECIPE_OVERRIDES:
         runs += _runs(r, TP, "tp", offline_assets, work, resume=r in TP_RECIPES)
     return run_many(4, runs, work, timeout=900), work
@@ -79,7 +108,9 @@ def test_hsdp_resumes_bitwise_and_equals_fsdp(results, recipe):
     assert len(straight) == STEPS and all(math.isfinite(x) for x in straight)
     assert resumed == straight, (straight, resumed)  # bitwise
     fsdp = _losses(work, recipe, "fsdp4")
-    assert max(abs(x - y) for x, y in zip(straight, fsdp)) <= LOSS_TOL, (straight, fsdp)
+    # the FSDP2 run starts at the checkpoint: steps HALF+1..STEPS
+    assert _steps(work, recipe, "fsdp4") == list(range(HALF + 1, STEPS + 1)), fsdp
+    assert max(abs(x - y) for x, y in zip(straight[HALF:], fsdp)) <= LOSS_TOL, (straight, fsdp)
 
 
 @pytest.mark.parametrize("recipe", list(RECIPE_OVERRIDES))
@@ -90,8 +121,10 @@ def test_tensor_parallel(results, recipe):
             assert res[f"{recipe}/tp/{kind}"]["ok"], res[f"{recipe}/tp/{kind}"]["error"]
         straight, resumed = _losses(work, recipe, "tp"), _losses(work, recipe, "tp", "resumed")
         assert resumed == straight, (straight, resumed)
-        fsdp = _losses(work, recipe, "fsdp4")
-        assert max(abs(x - y) for x, y in zip(straight, fsdp)) <= LOSS_TOL, (straight, fsdp)
+        assert res[f"{recipe}/tp_from_hsdp/straight"]["ok"], res[f"{recipe}/tp_from_hsdp/straight"]["error"]
+        # it continued from step HALF (the HSDP run's weights and optimizer state, resharded)
+        assert _steps(work, recipe, "tp_from_hsdp") == list(range(HALF + 1, STEPS + 1))
+        assert all(math.isfinite(x) for x in _losses(work, recipe, "tp_from_hsdp"))
     else:
         got = res[f"{recipe}/tp/straight"]
         assert not got["ok"]

@@ -46,6 +46,10 @@ RECIPES = {
     ),
 }
 
+#: under FSDP2 x TP 2 (torchtitan's Llama TP plan), with the same names: the rules that run there
+TP_RECIPES = {"adamw_tp": RECIPES["adamw"]}
+TP = 2
+
 
 class SvdCounter:
     """Counts the whole-matrix computations (SVD, Newton-Schulz) THIS rank performs."""
@@ -71,15 +75,17 @@ def run_recipe(name: str, rank: int, world: int, shard: bool, counters) -> dict[
     from slimtrain.registry import OptimizerHyper, StepContext, compose
     from slimtrain.registry.tensors import full_tensor
 
-    methods, sections = RECIPES[name]
+    methods, sections = {**RECIPES, **TP_RECIPES}[name]
     comp = compose(methods, sections)
+    tp = TP if name in TP_RECIPES and shard and world > 1 else 1
     model = build_model(comp, TINY, world=world, shard=shard, seed_label="hsdp-test",
-                        replicate=REPLICATE if shard and world > 1 else 1)
+                        replicate=REPLICATE if shard and world > 1 and tp == 1 else 1, tp=tp)
     opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=1e-2, weight_decay=0.1))
     comm, whole = counters
     data = torch.randint(0, TINY["vocab_size"], (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(1))
-    per = GLOBAL_BATCH // world
-    local = data[rank * per : (rank + 1) * per]
+    dp, dp_rank = world // tp, rank // tp  # the TP ranks of a data-parallel group read the same batch
+    per = GLOBAL_BATCH // dp
+    local = data[dp_rank * per : (dp_rank + 1) * per]
     losses = []
     whole.calls = 0
     for step in range(1, STEPS + 1):
@@ -120,7 +126,7 @@ def worker() -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     counters = (CommCounter() if shard else None, SvdCounter())
     try:
-        results = {name: run_recipe(name, rank, world, shard, counters) for name in RECIPES}
+        results = {name: run_recipe(name, rank, world, shard, counters) for name in (*RECIPES, *TP_RECIPES)}
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -162,6 +168,24 @@ def test_hsdp_matches_unsharded(runs, recipe):
     mean_loss = torch.stack([r[recipe]["_losses"] for r in runs["hsdp"]]).mean(0)
     assert torch.allclose(mean_loss, ref["_losses"], rtol=1e-5, atol=1e-6)
     assert ref["_losses"][1:].min() < ref["_losses"][0], ref["_losses"]
+
+
+@pytest.mark.parametrize("recipe", list(TP_RECIPES))
+def test_tensor_parallel_matches_unsharded(runs, recipe):
+    """FSDP2 x TP 2 (torchtitan's Llama plan: column-wise wq/wk/wv/w1/w3/output, row-wise wo/w2 and
+    the embedding, sequence-parallel norms): AdamW, the one rule that runs on column shards, equals
+    the unsharded run within the AdamW tolerance."""
+    ref = runs["unsharded"][recipe]
+    for rank_result in runs["hsdp"]:
+        got = rank_result[recipe]
+        for key, want in ref.items():
+            if key.startswith("_"):
+                continue
+            assert torch.allclose(got[key].float(), want.float(), rtol=TOL["adamw"], atol=TOL["adamw"]), (
+                key, (got[key] - want).abs().max())
+    # ranks 2k and 2k+1 are one data-parallel rank: the mean over the 2 data-parallel ranks
+    dp_losses = torch.stack([r[recipe]["_losses"] for r in runs["hsdp"][::TP]]).mean(0)
+    assert torch.allclose(dp_losses, ref["_losses"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("recipe", ["galore_svd", "muon"])
