@@ -153,11 +153,15 @@ class SlimTrainer(Trainer):
             return
         # each rank's loss is (local loss sum / global valid tokens): their SUM is the global mean
         # loss, and a NaN/Inf on any rank makes the sum non-finite on every rank
-        local = torch.stack([x.reshape(()) for x in losses]).sum().float()
+        # under tensor parallelism the loss is a replicated DTensor (loss parallel), the same on the
+        # tp ranks of one data-parallel rank: its plain value, and the sum counted once per dp rank
+        from slimtrain.registry.tensors import full_tensor
+
+        local = torch.stack([full_tensor(x).reshape(()) for x in losses]).sum().float()
         total = local.clone().reshape(1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        global_loss = total.item()
+        global_loss = total.item() / self.parallel_dims.tp
         if not math.isfinite(global_loss):
             folder = os.path.join(self.job_config.job.dump_folder, self.job_config.checkpoint.folder)
             kept = (
