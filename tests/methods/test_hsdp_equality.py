@@ -137,7 +137,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("hsdp")
     return {
         "unsharded": launch_ranks(__file__, 1, False, base / "unsharded")[0],
-        "hsdp": launch_ranks(__file__, 4, True, base / "hsdp", timeout=300),
+        "hsdp": launch_ranks(__file__, 4, True, base / "hsdp", timeout=600),
     }
 
 
