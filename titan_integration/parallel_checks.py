@@ -146,4 +146,8 @@ def check_before_model(job_config: Any, composition, model_args: Any, world: int
     check_tensor_parallel(deg["tensor_parallel_degree"], model_args, job_config.model.flavor,
                           job_config.training.seq_len)
     check_composition(deg, composition)
+    from slimtrain.titan_integration import checkpoint_mesh
+
+    checkpoint_mesh.check_data_position(
+        job_config, deg["data_parallel_shard_degree"] * deg["data_parallel_replicate_degree"])
     return deg

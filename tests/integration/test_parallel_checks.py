@@ -22,7 +22,7 @@ def job(flavor="nano", seq_len=64, **degrees):
              tensor_parallel_degree=1, pipeline_parallel_degree=1)
     p.update(degrees)
     return SimpleNamespace(parallelism=SimpleNamespace(**p), model=SimpleNamespace(flavor=flavor),
-                           training=SimpleNamespace(seq_len=seq_len))
+                           training=SimpleNamespace(seq_len=seq_len), checkpoint=SimpleNamespace(enable=False))
 
 
 def check(methods, sections=None, world=4, flavor="nano", **degrees):
@@ -114,3 +114,44 @@ def test_train_py_refuses_bad_degrees_before_the_model(tmp_path, args, expected)
     assert re.search(expected, out), out[-3000:]
     assert "Building slimtrain_llama" not in out and "embedded corpus ready" not in out
     assert not out_dir.exists()
+
+
+def _fake_checkpoint(folder, dp_ranks: int):
+    """A DCP folder shaped like torchtitan's: a model tensor and one data-loader entry per dp rank."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {"w": torch.zeros(2)},
+             "dataloader": {f"dp_rank_{k}": torch.tensor([k]) for k in range(dp_ranks)}}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+
+
+def _ck_job(tmp_path, **ck):
+    c = dict(enable=True, folder="checkpoint", load_step=-1, initial_load_path=None, initial_load_model_only=True,
+             exclude_from_loading=[])
+    c.update(ck)
+    j = job(data_parallel_shard_degree=2)
+    j.checkpoint = SimpleNamespace(**c)
+    j.job = SimpleNamespace(dump_folder=str(tmp_path))
+    return j
+
+
+def test_a_checkpoint_of_another_data_parallel_size_is_refused_with_the_way_out(tmp_path):
+    from slimtrain.registry import ConfigError
+    from slimtrain.titan_integration import checkpoint_mesh
+
+    _fake_checkpoint(tmp_path / "checkpoint" / "step-3", dp_ranks=4)
+    assert checkpoint_mesh.saved_data_parallel_size(str(tmp_path / "checkpoint" / "step-3")) == 4
+    with pytest.raises(ConfigError, match=r"written by 4 data-parallel ranks, this run has parallelism\."
+                                          r"data_parallel_shard_degree x parallelism\.data_parallel_replicate_degree = "
+                                          r"2 x 1 = 2: .*--checkpoint\.exclude_from_loading dataloader"):
+        checkpoint_mesh.check_data_position(_ck_job(tmp_path), 2)
+    checkpoint_mesh.check_data_position(_ck_job(tmp_path), 4)  # same size: loads
+    checkpoint_mesh.check_data_position(_ck_job(tmp_path, exclude_from_loading=["dataloader"]), 2)
+    # an initial checkpoint: refused only when it is loaded whole
+    init = tmp_path / "other"
+    _fake_checkpoint(init / "step-1", dp_ranks=4)
+    other = dict(initial_load_path=str(init / "step-1"))
+    checkpoint_mesh.check_data_position(_ck_job(init / "fresh", **other), 2)  # model only
+    with pytest.raises(ConfigError, match="written by 4 data-parallel ranks"):
+        checkpoint_mesh.check_data_position(_ck_job(init / "fresh", initial_load_model_only=False, **other), 2)
