@@ -35,6 +35,9 @@ TP_RECIPES = ["full_rank"]
 #: |loss(HSDP or TP) - loss(FSDP2 x 4)| per step, fp32. Measured 2026-12-06 (2-core CPU, torch
 #: 2.13.0+cpu, gloo): see the test docstrings.
 LOSS_TOL = 1e-4
+#: recipes whose checkpoints cross rank counts: a parametrized model, and replicated optimizer state
+CROSS_RECIPES = ["sltrain", "galore"]
+FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
 
 
 def _from_checkpoint(recipe: str, mesh: list[str], tag: str, a, work, exclude: list[str] = ()) -> dict:
@@ -82,10 +85,31 @@ def _steps(work, recipe, tag, kind="straight") -> list[int]:
     return [e["step"] for e in train]
 
 
+def _cross(recipe: str, mesh: list[str], tag: str, a, work, source, exclude: bool) -> dict:
+    """STEPS steps on ``mesh`` from ``source`` (a step-HALF checkpoint folder written by another rank count)."""
+    base = ["--job.config_file", f"plugins/{recipe}.toml", *offline_args(a), *RECIPE_OVERRIDES[recipe], *mesh,
+            "--validation.freq", "100"]
+    out = work / f"{recipe}_{tag}_straight"
+    load = ["--checkpoint.initial_load_path", str(source), "--checkpoint.no_initial_load_model_only"]
+    if exclude:
+        load += ["--checkpoint.exclude_from_loading", "dataloader"]
+    return {"name": f"{recipe}/{tag}/straight", "args": [*base, *load, "--training.steps", str(STEPS),
+                                                         "--job.dump_folder", str(out),
+                                                         "--slimtrain.loss_log", f"{out}.jsonl"]}
+
+
 @pytest.fixture(scope="module")
 def results(offline_assets, tmp_path_factory):
     work = tmp_path_factory.mktemp("meshes")
+    # 2 ranks first: the FSDP2 checkpoints of step HALF that the 4-rank HSDP runs resume from
+    first = [_runs(r, FSDP2, "fsdp2", offline_assets, work)[1] for r in CROSS_RECIPES]
+    (work / "two_ranks_first").mkdir()
+    res = run_many(2, first, work / "two_ranks_first")
     runs = []
+    for r in CROSS_RECIPES:
+        source = work / f"{r}_fsdp2_resumed" / "checkpoint" / f"step-{HALF}"
+        runs.append(_cross(r, HSDP, "hsdp_from_fsdp2", offline_assets, work, source, exclude=True))
+        runs.append(_cross(r, HSDP, "hsdp_from_fsdp2_whole", offline_assets, work, source, exclude=False))
     for r in RECIPE_OVERRIDES:
         straight, half, resume = _runs(r, HSDP, "hsdp", offline_assets, work)
         # FSDP2 x 4 (and TP) from the half checkpoint before the HSDP resume adds later ones
@@ -95,7 +119,13 @@ def results(offline_assets, tmp_path_factory):
         runs.append(resume)
     for r in RECIPE_OVERRIDES:
         runs += _runs(r, TP, "tp", offline_assets, work, resume=r in TP_RECIPES)
-    return run_many(4, runs, work, timeout=900), work
+    res.update(run_many(4, runs, work, timeout=900))
+    # 2 ranks again: FSDP2 from the 4-rank HSDP checkpoints
+    last = [_cross(r, FSDP2, "fsdp2_from_hsdp", offline_assets, work,
+                   work / f"{r}_hsdp_resumed" / "checkpoint" / f"step-{HALF}", exclude=True) for r in CROSS_RECIPES]
+    (work / "two_ranks_last").mkdir()
+    res.update(run_many(2, last, work / "two_ranks_last"))
+    return res, work
 
 
 @pytest.mark.parametrize("recipe", list(RECIPE_OVERRIDES))
@@ -130,3 +160,21 @@ def test_tensor_parallel(results, recipe):
         assert not got["ok"]
         assert "tensor parallelism (parallelism.tensor_parallel_degree = 2) is not supported" in got["error"], got["error"]
         assert not (work / f"{recipe}_tp_straight" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("recipe", CROSS_RECIPES)
+def test_checkpoints_cross_rank_counts(results, recipe):
+    """2-rank FSDP2 -> 4-rank HSDP and 4-rank HSDP -> 2-rank FSDP2: model and optimizer state load
+    (DCP reshards them), the step continues from HALF, the loss stays finite; loading the data
+    position of another data-parallel size is refused before the model, naming the way out."""
+    res, work = results
+    assert res[f"{recipe}/fsdp2/half"]["ok"], res[f"{recipe}/fsdp2/half"]["error"]
+    for tag in ("hsdp_from_fsdp2", "fsdp2_from_hsdp"):
+        assert res[f"{recipe}/{tag}/straight"]["ok"], res[f"{recipe}/{tag}/straight"]["error"]
+        assert _steps(work, recipe, tag) == list(range(HALF + 1, STEPS + 1)), tag
+        assert all(math.isfinite(x) for x in _losses(work, recipe, tag)), tag
+    refused = res[f"{recipe}/hsdp_from_fsdp2_whole/straight"]
+    assert not refused["ok"]
+    assert "written by 2 data-parallel ranks, this run has" in refused["error"], refused["error"]
+    assert "--checkpoint.exclude_from_loading dataloader" in refused["error"]
+    assert not (work / f"{recipe}_hsdp_from_fsdp2_whole_straight" / "checkpoint").exists()
