@@ -22,9 +22,9 @@ _DP_KEY = re.compile(r"dataloader\.dp_rank_(\d+)$")
 
 
 def checkpoint_to_load(job_config: Any) -> tuple[str, bool] | None:
-    """(folder, model_only) of the checkpoint torchtitan will load, or None: the step given by
-    ``checkpoint.load_step`` or the newest complete ``step-N`` in the run's checkpoint folder, else
-    ``checkpoint.initial_load_path``."""
+    """(folder, model_only) of the checkpoint torchtitan will load, or None: when the run's
+    checkpoint folder exists, the step given by ``checkpoint.load_step`` or its newest complete
+    ``step-N``; otherwise ``checkpoint.initial_load_path`` (as torchtitan 0.2.2's CheckpointManager.load)."""
     ck = job_config.checkpoint
     if not ck.enable:
         return None
@@ -35,7 +35,9 @@ def checkpoint_to_load(job_config: Any) -> tuple[str, bool] | None:
             m = _STEP.fullmatch(name)
             if m and os.path.isfile(os.path.join(folder, name, ".metadata")):
                 steps.append(int(m.group(1)))
-    if steps:
+    if os.path.exists(folder):  # torchtitan then loads from here only (initial_load_path is ignored)
+        if not steps:
+            return None
         step = ck.load_step if ck.load_step > 0 and ck.load_step in steps else max(steps)
         return os.path.join(folder, f"step-{step}"), False
     if ck.initial_load_path:

@@ -123,12 +123,14 @@ class SlimTrainer(Trainer):
 
         def load(step: int = -1) -> bool:
             restore = None
-            if os.path.isdir(ck.folder):
-                found = ck._find_load_step() if step == -1 else step
-                if found > 0 and not self.rng_state.present_in_checkpoint(ck._create_checkpoint_id(found)):
-                    log.warning("slimtrain: checkpoint of step %d has no RNG state for this rank "
-                                "(other number of ranks?): RNG state not restored", found)
-                    restore = ck.states.pop(STATE_KEY)
+            found = ck._find_load_step() if step == -1 and os.path.isdir(ck.folder) else step
+            source = ck._create_checkpoint_id(found) if found > 0 else None
+            if not os.path.exists(ck.folder) and ck.initial_load_path and not ck.initial_load_model_only:
+                source = ck.initial_load_path  # what torchtitan loads whole when the run has no folder yet
+            if source is not None and not self.rng_state.present_in_checkpoint(source):
+                log.warning("slimtrain: checkpoint %s has no RNG state for this rank "
+                            "(other number of ranks?): RNG state not restored", source)
+                restore = ck.states.pop(STATE_KEY)
             try:
                 return original_load(step=step)
             finally:
