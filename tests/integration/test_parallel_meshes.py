@@ -1,4 +1,4 @@
-"""The user's training command on 2-D meshes at 4 CPU ranks (gloo, nano flavor), in ONE torchrun launch:
+"""The user's training command on 2-D meshes at 4 CPU ranks (gloo, nano flavor), in one 4-rank torchrun launch (and two short 2-rank ones):
 
 * HSDP (``data_parallel_replicate_degree 2`` x ``data_parallel_shard_degree 2``): every recipe resumes
   bitwise (STEPS straight == HALF + resume, refreshes / refactorizations / merges / resets every 2
@@ -9,8 +9,12 @@
   across meshes, so a shared checkpoint is how two meshes start from the same weights);
 * FSDP 2 x TP 2 (torchtitan's Llama TP plan): full_rank trains and resumes bitwise, and loads the
   HSDP checkpoint (DCP reshards it onto the TP placements; the data position is not loaded:
-  torchtitan's loader cannot reshard it from 4 to 2 data-parallel ranks); every other recipe is
-  refused before the model with the reason (parallel_checks.py).
+  torchtitan's loader cannot reshard it from 4 to 2 data-parallel ranks); one recipe of each kind
+  of refusal (TP_REFUSED) is refused before the model with the reason (parallel_checks.py);
+* checkpoints across rank counts (CROSS_RECIPES): a 2-rank FSDP2 checkpoint resumes at 4-rank HSDP
+  and the 4-rank HSDP checkpoint at 2-rank FSDP2 with ``--checkpoint.exclude_from_loading
+  dataloader``; without it the run is refused before the model (checkpoint_mesh.py). Two short
+  2-rank launches around the 4-rank one.
 
 Equality with ONE rank is checked per rule at the unit level (tests/methods/test_hsdp_equality.py):
 at one rank torchtitan's loader packs other sequences into the batch than 4 ranks read.
@@ -32,6 +36,9 @@ FSDP4 = ["--parallelism.data_parallel_shard_degree", "4"]
 TP = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
 #: recipes that run under FSDP 2 x TP 2; the others are refused (parallel_checks.check_composition)
 TP_RECIPES = ["full_rank"]
+#: one recipe per kind of refusal (a parametrizing method; a row-based rule; both): every method and
+#: rule kind is refused at unit level in test_parallel_checks.py, every recipe in docs/parallelism.md
+TP_REFUSED = ["sltrain", "galore", "sltrain_apollo_mini"]
 #: |loss(HSDP or TP) - loss(FSDP2 x 4)| per step, fp32. Measured 2026-12-06 (2-core CPU, torch
 #: 2.13.0+cpu, gloo): see the test docstrings.
 LOSS_TOL = 1e-6  # measured: 0 (bitwise) for every recipe, HSDP vs FSDP2 x 4 from one checkpoint
@@ -117,7 +124,7 @@ def results(offline_assets, tmp_path_factory):
         if r in TP_RECIPES:
             runs.append(_from_checkpoint(r, TP, "tp_from_hsdp", offline_assets, work, exclude=["dataloader"]))
         runs.append(resume)
-    for r in RECIPE_OVERRIDES:
+    for r in [*TP_RECIPES, *TP_REFUSED]:
         runs += _runs(r, TP, "tp", offline_assets, work, resume=r in TP_RECIPES)
     res.update(run_many(4, runs, work, timeout=900))
     # 2 ranks again: FSDP2 from the 4-rank HSDP checkpoints
@@ -143,7 +150,7 @@ def test_hsdp_resumes_bitwise_and_equals_fsdp(results, recipe):
     assert max(abs(x - y) for x, y in zip(straight[HALF:], fsdp)) <= LOSS_TOL, (straight, fsdp)
 
 
-@pytest.mark.parametrize("recipe", list(RECIPE_OVERRIDES))
+@pytest.mark.parametrize("recipe", [*TP_RECIPES, *TP_REFUSED])
 def test_tensor_parallel(results, recipe):
     res, work = results
     if recipe in TP_RECIPES:
