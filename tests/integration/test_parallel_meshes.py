@@ -1,4 +1,5 @@
-"""The user's training command on 2-D meshes at 4 CPU ranks (gloo, nano flavor), in one 4-rank torchrun launch (and two short 2-rank ones):
+"""The user's training command on 2-D meshes at 4 CPU ranks (gloo, nano flavor), in one 4-rank
+torchrun launch (and two short 2-rank ones):
 
 * HSDP (``data_parallel_replicate_degree 2`` x ``data_parallel_shard_degree 2``): every recipe resumes
   bitwise (STEPS straight == HALF + resume, refreshes / refactorizations / merges / resets every 2
