@@ -26,6 +26,7 @@ class AdamWRule(UpdateRule):
     """torch.optim.AdamW's step (same kernels, same numbers) on the parameters routed here."""
 
     needs_matrix = False
+    any_placement = True  # elementwise: any shard of any placement (TP's column shards too)
 
     def __init__(self, method: str = "adamw", implementation: str = "foreach"):
         self.method = method

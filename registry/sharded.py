@@ -1,6 +1,10 @@
 """Row-sharded matrix math for optimizer rules under FSDP2, with one code path for plain tensors.
 
-FSDP2 shards every parameter, its gradient and row-aligned state ``Shard(0)`` on a 1-D mesh. A rule
+FSDP2 shards every parameter, its gradient and row-aligned state ``Shard(0)`` on a 1-D mesh; HSDP
+(torchtitan's ``data_parallel_replicate_degree``) places them ``(Replicate(), Shard(0))`` on a 2-D
+mesh, and everything here then works inside one replica group (the shard dimension's process
+group): replicas hold identical gradients after FSDP2's reduce-scatter + all-reduce, so each
+replica group computes the same result without talking to the others. A rule
 that needs whole-matrix math must not silently all-gather (``torch.linalg.svd`` on a DTensor does,
 on every rank). ``RowShards`` wraps a gradient as this rank's row block plus the collectives that
 combine blocks, so a rule writes its math once and it runs unsharded (one "shard", no collectives)
@@ -16,6 +20,19 @@ from __future__ import annotations
 import torch
 
 
+def row_shard_mesh_dim(placements) -> int | None:
+    """The mesh dimension along which a DTensor is row-sharded when it is ``Shard(0)`` on exactly
+    one mesh dimension and ``Replicate()`` on every other (FSDP2 on a 1-D mesh: ``(Shard(0),)``;
+    HSDP: ``(Replicate(), Shard(0))``); None for any other layout (tensor parallelism, partial sums)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard_dims = [i for i, p in enumerate(placements) if p == Shard(0)]
+    others_replicated = all(p == Replicate() for i, p in enumerate(placements) if i not in shard_dims)
+    if len(shard_dims) == 1 and others_replicated:
+        return shard_dims[0]
+    return None
+
+
 class RowShards:
     """A gradient as this rank's row block plus the collectives needed to combine blocks."""
 
@@ -28,10 +45,13 @@ class RowShards:
             from torch.distributed.tensor import Shard
 
             mesh, placements = grad.device_mesh, grad.placements
-            if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+            shard_dim = row_shard_mesh_dim(placements)
+            if shard_dim is None:
                 raise NotImplementedError(
-                    f"row-sharded math supports plain tensors and Shard(0) DTensors on a 1-D mesh "
-                    f"(FSDP2); got placements {placements} on a {mesh.ndim}-D mesh"
+                    f"row-sharded math supports plain tensors and DTensors sharded on rows along one mesh "
+                    f"dimension, replicated along the others (FSDP2: Shard(0); HSDP: Replicate(), Shard(0)); "
+                    f"got placements {placements} on a {mesh.ndim}-D mesh (tensor parallelism shards "
+                    f"columns or rows twice: refused before the model by titan_integration/parallel_checks.py)"
                 )
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -39,7 +59,9 @@ class RowShards:
             self.dist = True
             self.mesh = mesh
             self.placements = placements
-            self.group = mesh.get_group(0)
+            # only the shard dimension: replicas hold the same rows and the same (all-reduced) gradient,
+            # so every collective and every owner's whole-matrix math stays inside one replica group
+            self.group = mesh.get_group(shard_dim)
             self.row0 = int(offset[0])
             self.rows = int(local_shape[0])
             self.local = grad.to_local().float()

@@ -105,6 +105,11 @@ class UpdateRule:
 
     method: str = ""  # the owning method's name (errors name it)
     needs_matrix: ClassVar[bool] = True  # refuse non-2-D parameters (error names method + param)
+    #: True for a rule that is elementwise on whatever shard it is given (AdamW): it then also runs
+    #: under tensor parallelism, where row-wise Linears shard the weight's COLUMNS. Rules built on
+    #: ``RowShards`` / ``OwnerRanks`` need whole rows (FSDP2 / HSDP) and keep False; tensor
+    #: parallelism with them is refused before the model (titan_integration/parallel_checks.py).
+    any_placement: ClassVar[bool] = False
     #: the trainer's ``optimizer.implementation`` ("foreach", "fused" or "for-loop"), set by the
     #: composition before the first step; rules with batched kernels honour it
     implementation: str = "foreach"

@@ -15,7 +15,11 @@ cleanly when its time is up (default 9 minutes of wall time):
 5. ``memory_7b_model`` then ``memory_7b``: the 7b memory of plugins/sltrain_7b_single_gpu.toml, first
    the analytic model (``slimtrain memory --flavor 7b ... --device --batch 16 --seq-len 256 --ac full``),
    then the real peak of a few steps of the recipe as written (batch 16 x 256, full AC), skipped with
-   a note when the model says it does not fit this GPU.
+   a note when the model says it does not fit this GPU;
+6. ``mesh_2d``: for the day a machine with 4+ GPUs is lent: HSDP (replicate 2 x shard 2) at 60m on 4
+   GPUs, the recipes with whole-matrix math (galore, muon) and sltrain, compiled, 30 steps (losses,
+   tokens/s, peak memory per rank); skipped with a note on fewer GPUs (and in the CPU smoke: the
+   suite runs the 4-rank CPU meshes itself, tests/integration/test_parallel_meshes.py).
 
 The training steps are one torchrun launch each of ``titan_integration/run_plan.py`` (torch and
 torchtitan imported once, dynamo reset between runs, inductor's cache shared: the recipes with the
@@ -60,6 +64,9 @@ EVERY_10 = ("--galore.update_proj_gap", "10", "--fira.update_proj_gap", "10", "-
 # the speed runs skip validation: its no_grad forward recompiles every compiled block once (dynamo's
 # grad-mode guard), tens of GPU seconds at 1b for a figure the speed comparison does not use
 NO_VALIDATION = ("--validation.no-enable",)
+MESH_2D_RECIPES = ("galore", "muon", "sltrain")
+HSDP_2X2 = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2")
+MESH_2D_GPUS = 4
 MEMORY_7B = ("--flavor", "7b", "--recipes", f"plugins/{SINGLE_GPU_7B}.toml", "--device", "--batch", "16",
              "--seq-len", "256", "--ac", "full")
 
@@ -85,13 +92,13 @@ class Step:
 
 
 def _train_step(name: str, goal: str, cap_s: float, recipes, flavor: str, steps: int, batch: int, seq: int,
-                out: Path, extra: tuple[str, ...], rank: int | None, val_steps: int = 1) -> Step:
+                out: Path, extra: tuple[str, ...], rank: int | None, val_steps: int = 1, nproc: int = 1) -> Step:
     """A training step: the runs ``slimtrain bench`` would start, in one run_plan launch."""
     from slimtrain.bench import runner
 
     runs = [runner.RunSpec(r, None, flavor, steps, 1, batch, seq, out, max(1, steps // 2), val_steps, extra,
                            _flavor_settings(r, flavor, rank)) for r in recipes]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "slimtrain.titan_integration.run_plan", str(out / "plan.json")]
     return Step(name, goal, command, cap_s, runs=runs)
 
@@ -141,6 +148,11 @@ def plan(out: Path, smoke: bool) -> list[Step]:
     if smoke:
         measured_7b.runs[0].batch, measured_7b.runs[0].seq_len = 2, 32
     measured_7b.precheck = lambda records: _fits_this_gpu(memory_model)
+    mesh_2d = _train_step(
+        "mesh_2d", f"HSDP replicate 2 x shard 2 on {MESH_2D_GPUS} GPUs at {flavor60}, {steps} steps, compiled: "
+        "losses, tokens/s, peak memory per rank", 150, MESH_2D_RECIPES, flavor60, steps, batch, seq,
+        out / "mesh_2d", (*compile_flags, *EVERY_10, *HSDP_2X2, *NO_VALIDATION), rank, nproc=MESH_2D_GPUS)
+    mesh_2d.precheck = _enough_gpus
     return [
         _train_step("recipes_60m", f"every recipe at {flavor60}, {steps} steps, compiled, hooks every 10 steps: "
                     "losses, tokens/s, peak memory, graph breaks, recompiles", 270, recipes60, flavor60, steps, batch,
@@ -157,7 +169,22 @@ def plan(out: Path, smoke: bool) -> list[Step]:
         Step("memory_7b_model", "7b single-GPU recipe: the analytic GPU memory model (registry/device_memory.py)",
              [*cli, "memory", *memory], 60),
         measured_7b,
+        mesh_2d,
     ]
+
+
+def _enough_gpus(records: list[dict]) -> str:
+    """A reason to skip the 2-D mesh step: fewer than MESH_2D_GPUS GPUs here."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch, no GPUs
+        n = 0
+    if n < MESH_2D_GPUS:
+        return (f"needs {MESH_2D_GPUS} GPUs for HSDP 2 x 2, this machine has {n} (the 4-rank CPU meshes run "
+                f"in the suite: tests/integration/test_parallel_meshes.py)")
+    return ""
 
 
 def _model_total_gb(text: str) -> float | None:

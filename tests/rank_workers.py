@@ -44,11 +44,15 @@ def launch_ranks(script: str | Path, world: int, shard: bool, out_dir: Path, *, 
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
-def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str):
+def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str, replicate: int = 1, tp: int = 1):
     """A small torchtitan LLaMA with ``comp``'s parametrizations, FSDP2-sharded per block when
     ``shard``, every parameter written from a generator seeded by ``seed_label`` and its name (a
     rank-independent stand-in for the model's own init: torch's RNG on DTensor shards is not), then
-    the parametrizations initialized."""
+    the parametrizations initialized. ``replicate > 1``: HSDP, a (replicate, world / replicate)
+    mesh whose parameters are ``(Replicate(), Shard(0))``, as torchtitan's
+    ``data_parallel_replicate_degree`` builds it. ``tp > 1``: torchtitan's Llama TP plan on a
+    (world / tp, tp) mesh ("dp_shard", "tp"), then FSDP2 over "dp_shard" (no loss parallelism: the
+    output is gathered)."""
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
     from slimtrain.registry.parametrization import seeded_generator
@@ -61,7 +65,16 @@ def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        if tp > 1:
+            from torchtitan.models.llama3.infra.parallelize import apply_tp
+
+            mesh2 = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp_shard", "tp"))
+            apply_tp(model, mesh2["tp"], loss_parallel=False, enable_float8_tensorwise_tp=False)
+            mesh = mesh2["dp_shard"]
+        elif replicate > 1:
+            mesh = init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
         for block in model.layers.values():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)

@@ -46,6 +46,7 @@ from slimtrain.titan_integration import (  # noqa: E402
     context,
     data,
     memory,
+    parallel_checks,
     preflight,
     safe_checkpoint,
     spec,
@@ -105,6 +106,7 @@ class SlimTrainer(Trainer):
         composition = context.composition_for(job_config)
         model_args = FLAVORS[job_config.model.flavor]
         preflight.check_before_model(job_config, composition, model_args)
+        parallel_checks.check_before_model(job_config, composition, model_args)  # degrees vs world, flavor, recipe
         safe_checkpoint.install()  # before anything could load a checkpoint
         data.prepare_run_data(job_config, vocab_size=model_args.vocab_size)
         self._pending_losses: list[torch.Tensor] = []
@@ -140,12 +142,14 @@ class SlimTrainer(Trainer):
 
         def load(step: int = -1) -> bool:
             restore = None
-            if os.path.isdir(ck.folder):
-                found = ck._find_load_step() if step == -1 else step
-                if found > 0 and not self.rng_state.present_in_checkpoint(ck._create_checkpoint_id(found)):
-                    log.warning("slimtrain: checkpoint of step %d has no RNG state for this rank "
-                                "(other number of ranks?): RNG state not restored", found)
-                    restore = ck.states.pop(STATE_KEY)
+            found = ck._find_load_step() if step == -1 and os.path.isdir(ck.folder) else step
+            source = ck._create_checkpoint_id(found) if found > 0 else None
+            if not os.path.exists(ck.folder) and ck.initial_load_path and not ck.initial_load_model_only:
+                source = ck.initial_load_path  # what torchtitan loads whole when the run has no folder yet
+            if source is not None and not self.rng_state.present_in_checkpoint(source):
+                log.warning("slimtrain: checkpoint %s has no RNG state for this rank "
+                            "(other number of ranks?): RNG state not restored", source)
+                restore = ck.states.pop(STATE_KEY)
             try:
                 return original_load(step=step)
             finally:
@@ -170,11 +174,15 @@ class SlimTrainer(Trainer):
             return
         # each rank's loss is (local loss sum / global valid tokens): their SUM is the global mean
         # loss, and a NaN/Inf on any rank makes the sum non-finite on every rank
-        local = torch.stack([x.reshape(()) for x in losses]).sum().float()
+        # under tensor parallelism the loss is a replicated DTensor (loss parallel), the same on the
+        # tp ranks of one data-parallel rank: its plain value, and the sum counted once per dp rank
+        from slimtrain.registry.tensors import full_tensor
+
+        local = torch.stack([full_tensor(x).reshape(()) for x in losses]).sum().float()
         total = local.clone().reshape(1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        global_loss = total.item()
+        global_loss = total.item() / self.parallel_dims.tp
         if not math.isfinite(global_loss):
             folder = os.path.join(self.job_config.job.dump_folder, self.job_config.checkpoint.folder)
             kept = (

@@ -162,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="micro-batches of --batch sequences per step (with --device): gradients accumulate")
     parser.add_argument("--ac", default="full", choices=("none", "selective", "full"),
                         help="activation checkpointing (with --device)")
+    parser.add_argument("--dp-shard", type=int, default=1, help="FSDP degree (with --device: per rank)")
+    parser.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicate degree (with --device: per rank)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (with --device: per rank)")
     args = parser.parse_args(argv)
+    if args.device and (args.dp_shard, args.dp_replicate, args.tp) != (1, 1, 1):
+        return _rank_main(args)
     if args.device:
         try:
             rows = [device_row(r.strip(), args.flavor, batch=args.batch, seq_len=args.seq_len, ac=args.ac, rank=args.rank,
@@ -194,6 +199,29 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows))
         print("\nSettings used:")
         print(settings_notes(rows))
+    return 0
+
+
+def _rank_main(args) -> int:
+    """--device with parallel degrees: one rank's memory (slimtrain/bench/rank_memory.py)."""
+    from slimtrain.bench.rank_memory import format_rank_table, rank_row
+    from slimtrain.registry.errors import ConfigError
+
+    try:
+        rows = [rank_row(r.strip(), args.flavor, batch=args.batch, seq_len=args.seq_len, ac=args.ac,
+                         dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, tp=args.tp, rank=args.rank)
+                for r in args.recipes.split(",") if r.strip()]
+    except (ValueError, ConfigError) as exc:
+        print(f"slimtrain memory: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"Memory of ONE rank, LLaMA-{args.flavor}, global batch {args.batch} x {args.seq_len} tokens "
+              f"({rows[0]['local_batch'] if rows else '?'} per rank), dp_shard {args.dp_shard} x dp_replicate "
+              f"{args.dp_replicate} x tp {args.tp}, activation checkpointing {args.ac} (bf16; GB = 1e9 B; "
+              f"registry/parallel_memory.py)")
+        print(format_rank_table(rows))
     return 0
 
 

@@ -19,7 +19,9 @@ def test_cpu_smoke_runs_every_step_and_writes_the_report(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     report = json.loads(next(tmp_path.glob("gpu_check_*.json")).read_text())
     status = {s["name"]: s["status"] for s in report["steps"]}
-    assert list(status) == ["recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "memory_7b_model", "memory_7b"]
+    assert list(status) == ["recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "memory_7b_model", "memory_7b",
+                            "mesh_2d"]
+    assert status.pop("mesh_2d").startswith("skipped: needs 4 GPUs for HSDP 2 x 2, this machine has 0")
     assert set(status.values()) == {"ok"}, status
     rows = {(s["name"], r["recipe"]): r for s in report["steps"] for r in s["rows"]}
     assert set(rows) == {("recipes_60m", "sltrain_restarts"), ("recipes_60m", "galore"), ("speed_1b", "galore"),
@@ -53,7 +55,13 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):
                    "memory --flavor 7b --recipes plugins/sltrain_7b_single_gpu.toml --device --batch 16 --seq-len 256 --ac full"):
         assert needle in proc.stdout, needle
     assert [ln.split(":")[0][2:] for ln in lines if ln.startswith("# ")] == [
-        "recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "memory_7b_model", "memory_7b"]
+        "recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "memory_7b_model", "memory_7b", "mesh_2d"]
+    # the 2-D mesh step: 4 processes, HSDP 2 x 2 at 60m, compiled, hooks inside the run
+    assert "--nproc-per-node=4" in proc.stdout
+    mesh = [ln for ln in lines if "mesh_2d/runs/" in ln]
+    assert [ln.split(":")[0].strip() for ln in mesh] == ["galore", "muon", "sltrain"]
+    assert all("--model.flavor 60m" in ln and "--compile.enable" in ln and "--parallelism.data_parallel_replicate_degree 2 "
+               "--parallelism.data_parallel_shard_degree 2" in ln for ln in mesh)
     assert not list(tmp_path.iterdir())
 
 
@@ -67,7 +75,9 @@ def test_a_budget_too_small_keeps_the_report_of_what_did_not_run(tmp_path):
     proc = python(SCRIPT, ["--cpu-smoke", "--budget", "5", "--out", str(tmp_path)])
     report = json.loads(next(tmp_path.glob("gpu_check_*.json")).read_text())
     assert proc.returncode == 1
-    assert [s["status"] for s in report["steps"]] == ["not run: budget spent"] * 6
+    status = [s["status"] for s in report["steps"]]
+    assert status[:6] == ["not run: budget spent"] * 6
+    assert status[6].startswith("skipped: needs 4 GPUs")  # the 2-D mesh step is skipped before the budget counts
 
 
 def test_the_7b_run_is_skipped_with_a_note_when_the_memory_model_says_it_does_not_fit(tmp_path, monkeypatch):
