@@ -17,7 +17,7 @@ local) tensors of the state, written in place: checkpoints and resume are unchan
 
 Unavailable backend: the first call of a kernel that fails to compile (no C++ compiler, no triton)
 logs one line and switches fusion off for the process; the step then runs unfused (the same numbers
-as before this module). ``SLIMTRAIN_FUSED_CODEC=0`` switches it off up front.
+as before this module). ``SLIMTRAIN_FUSED_CODEC`` (``MODE`` below) chooses compiled, eager or off.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ __all__ = ["FusedCodecKernel", "fused_available", "disable"]
 
 log = logging.getLogger(__name__)
 
-_state = {"off": os.environ.get("SLIMTRAIN_FUSED_CODEC", "1") in ("0", "off", "false", "no"), "why": None}
+#: ``SLIMTRAIN_FUSED_CODEC``: ``compile`` (default: the fused graph compiled), ``eager`` (the same graph
+#: run op by op: the test suite's setting, where a compile per shape would cost minutes on a small
+#: CPU), ``0`` / ``off`` (not fused: decode, the rule's step, encode)
+MODE = os.environ.get("SLIMTRAIN_FUSED_CODEC", "compile").strip().lower()
+_state = {"off": MODE in ("0", "off", "false", "no"), "why": None}
 
 
 def fused_available() -> bool:
@@ -131,6 +135,8 @@ class FusedCodecKernel:
         return (new_param, *encoded)
 
     def _get(self):
+        if MODE == "eager":
+            return self.eager
         if self._compiled is None:
             self._compiled = torch.compile(self.eager, dynamic=False, fullgraph=True)
             # one compile worker: a pool of them only contends on a small, shared CPU
