@@ -277,6 +277,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if key not in self._checked:
                 self._check_declared(name, items)
                 self._checked.add(key)
+            items = item = None  # the decoded copies go before the next parameter is decoded
 
     @torch.no_grad()
     def step_params(self, params: Iterable[torch.Tensor]) -> None:
