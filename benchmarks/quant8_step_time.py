@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FLAVORS = {"60m": (512, 1376), "1b": (2048, 5461)}
-RANKS = {"60m": 128, "1b": 512}
+FLAVORS = {"nano": (64, 160), "60m": (512, 1376), "1b": (2048, 5461)}  # nano: gpu-check's CPU smoke
+RANKS = {"nano": 8, "60m": 128, "1b": 512}
 NAMES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
          "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
 
