@@ -1,0 +1,37 @@
+"""The memory models read memory layers through the contract and the routing plan: accumulation
+buffers are counted, the routing plan is built once per composition and its rules carry the
+trainer's ``implementation`` (so the device model reaches AdamW's fused / for-loop workspace)."""
+
+from __future__ import annotations
+
+from slimtrain.registry import compose, llama_dense_specs
+from slimtrain.registry.device_memory import device_memory, gradient_bytes
+from slimtrain.registry.memory import transformed_specs
+
+DENSE = llama_dense_specs(64, 160, 2, 256, 4)
+SHAPE = dict(dim=64, ffn=160, layers=2, heads=4, vocab=256, batch=2, seq_len=16)
+
+
+def test_accumulation_buffers_are_every_gradient_with_or_without_per_layer_updates():
+    per_layer = compose(["adamw", "per_layer_updates"], {})
+    specs, _ = transformed_specs(per_layer, DENSE)
+    largest, total = max(s.numel for s in specs) * 2, sum(s.numel for s in specs) * 2
+    assert gradient_bytes(per_layer, specs) == largest
+    assert gradient_bytes(per_layer, specs, grad_accumulation_steps=2) == total
+    assert gradient_bytes(compose(["adamw"], {}), specs) == total
+    one = device_memory(per_layer, DENSE, **SHAPE)
+    two = device_memory(per_layer, DENSE, **SHAPE, grad_accumulation_steps=2)
+    assert two.gradients == total and two.peak - one.peak >= total - 2 * largest
+
+
+def test_the_routing_plan_is_built_once_and_its_rules_carry_the_implementation():
+    comp = compose(["galore"], {"galore": {"rank": 4}})
+    specs, _ = transformed_specs(comp, DENSE)
+    plan = comp.routing(specs)
+    assert comp.routing(specs) is plan
+    assert plan.rules is comp.rules and {plan.owners[s.name] for s in plan.specs} == {"galore", "adamw"}
+    foreach = device_memory(comp, DENSE, **SHAPE)
+    comp.implementation = "fused"
+    assert plan.rules["adamw"].implementation == "fused"
+    fused = device_memory(comp, DENSE, **SHAPE)
+    assert fused.phases["step"] < foreach.phases["step"]  # AdamW's fused kernels hold no temporary
