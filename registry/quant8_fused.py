@@ -134,11 +134,16 @@ class FusedCodecKernel:
             encoded += [c, s]
         return (new_param, *encoded)
 
+    def in_place(self, param, grad, codes_scales, scalars, tables) -> None:
+        """``eager`` written into its inputs: compiled, the writes land in the parameter's, codes' and
+        scales' own storage, so the kernel allocates no new parameter-sized output."""
+        _write(param, codes_scales, self.eager(param, grad, codes_scales, scalars, tables))
+
     def _get(self):
         if MODE == "eager":
-            return self.eager
+            return self.in_place
         if self._compiled is None:
-            self._compiled = torch.compile(self.eager, dynamic=False, fullgraph=True)
+            self._compiled = torch.compile(self.in_place, dynamic=False, fullgraph=True)
             # one compile worker: a pool of them only contends on a small, shared CPU
             import torch._inductor.config as inductor_config
 
@@ -160,7 +165,7 @@ class FusedCodecKernel:
     def __call__(self, param: torch.Tensor, grad: torch.Tensor, codes_scales: list[torch.Tensor],
                  scalars: torch.Tensor) -> bool:
         """Step in place (param, codes, scales: local 2-D tensors); False when fusion is off or failed
-        (nothing was written: the caller steps unfused)."""
+        (nothing was written: the caller steps unfused; a compile error is raised before the kernel runs)."""
         if _state["off"]:
             return False
         tables = self._tables(param.device)
@@ -169,11 +174,10 @@ class FusedCodecKernel:
             import torch._dynamo
 
             with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-                out = self._get()(p2, g2, cs, scalars, tables)
+                self._get()(p2, g2, cs, scalars, tables)
         except Exception as exc:  # noqa: BLE001  (a missing compiler surfaces as any of several types)
             disable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
             return False
-        _write(p2, cs, out)
         return True
 
 
