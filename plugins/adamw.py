@@ -15,7 +15,32 @@ import dataclasses
 import torch
 
 from slimtrain.registry import Capability, Method, ParamSpec, hookimpl
-from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+from slimtrain.registry.update_rule import ElementwiseUpdate, OnReset, RuleParam, StateSpec, StepInfo, UpdateRule
+
+
+def adamw_elementwise(param, grad, exp_avg, exp_avg_sq, scalars):
+    """torch's (non-capturable) AdamW step of one parameter, written as a pure function: the same
+    operations in the same order as ``torch.optim.adam``'s for-loop and foreach paths."""
+    decay, w1, beta2, w2, bc2_sqrt, eps, neg_step_size = scalars.unbind(0)
+    param = param * decay
+    exp_avg = torch.lerp(exp_avg, grad, w1)
+    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * w2
+    denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
+    param = param + neg_step_size * (exp_avg / denom)
+    return param, exp_avg, exp_avg_sq
+
+
+def adamw_scalars(item: RuleParam, info: StepInfo) -> torch.Tensor:
+    """Advance the step count; the step's scalars as torch's Adam computes them (in double)."""
+    step_t = item.state["step"]
+    step_t += 1
+    step = float(step_t)
+    beta1, beta2 = info.betas
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    values = [1 - info.lr * info.weight_decay, 1 - beta1, beta2, 1 - beta2, bc2_sqrt, info.eps, -(info.lr / bc1)]
+    return torch.tensor(values, dtype=torch.float32, device=item.param.device if not hasattr(item.param, "to_local")
+                        else item.param.to_local().device)
 
 @dataclasses.dataclass(frozen=True)
 class AdamWConfig:
@@ -41,6 +66,10 @@ class AdamWRule(UpdateRule):
             StateSpec("exp_avg", spec.shape, None, OnReset.ZERO, moment=True, layout=layout),
             StateSpec("exp_avg_sq", spec.shape, None, OnReset.ZERO, moment=True, non_negative=True, layout=layout),
         ]
+
+    def elementwise_update(self, spec: ParamSpec) -> ElementwiseUpdate:
+        """The fusable form of ``step`` (``state_8bit`` fuses it with its decode and encode)."""
+        return ElementwiseUpdate(adamw_elementwise, ("exp_avg", "exp_avg_sq"), adamw_scalars)
 
     def step_temporaries(self, specs: list[ParamSpec]) -> int:
         """Elements torch's Adam allocates stepping ``specs`` at once (the device memory model):

@@ -111,6 +111,38 @@ class Quant8Codec(StateCodec):
         return out
 
 
+    def fused_step(self, update, decls: list[StateSpec], item, info) -> bool:
+        """Step ``item`` through ``update`` (an ``ElementwiseUpdate``) in one compiled decode + update +
+        encode (``slimtrain.registry.quant8_fused``), writing the parameter, codes and scales in place;
+        False (nothing done) where it does not apply: fusion off or unavailable, a moment this codec
+        does not serve, other served state the update does not name, a non-fp32 or non-contiguous
+        (local) parameter or gradient, an empty local shard. The caller then steps unfused."""
+        from slimtrain.registry import quant8_fused
+        from slimtrain.registry.tensors import local_tensor
+
+        if not quant8_fused.fused_available():
+            return False
+        by_name = {d.name: d for d in decls}
+        moments = [by_name.get(n) for n in update.moments]
+        if any(d is None or not self.serves(d) for d in moments):
+            return False
+        if any(self.serves(d) and d.name not in update.moments for d in decls):
+            return False
+        param, grad = local_tensor(item.param), local_tensor(item.grad)
+        if (param.dtype != torch.float32 or grad.dtype != torch.float32 or param.numel() == 0
+                or not param.is_contiguous() or tuple(grad.shape) != tuple(param.shape)):
+            return False
+        key = (update.fn, tuple(d.non_negative for d in moments))
+        kernels = self.__dict__.setdefault("_kernels", {})
+        kernel = kernels.get(key)
+        if kernel is None:
+            kernel = kernels[key] = quant8_fused.FusedCodecKernel(update.fn, key[1], self.kind, self.block_size)
+        stored = [local_tensor(item.state[k]) for d in moments for k in self.stored_keys(d)]
+        scalars = update.scalars_for(item, info)
+        if not kernel(param, grad.contiguous(), stored, scalars):
+            kernel.step_eager(param, grad.contiguous(), stored, scalars)  # this step only: fusion is now off
+        return True
+
     def stored_bytes(self, decl: StateSpec, bytes_per_element: int) -> int:
         """One uint8 code per element and one fp32 scale per block of each row."""
         rows = decl.numel // decl.shape[-1]

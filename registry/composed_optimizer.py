@@ -23,7 +23,9 @@ rule must see the same hyperparameters and the same true step.
   sees the declared dtype. Without one (the default) the rule works on the stored tensors directly.
   With one, a parameter whose state it serves is decoded, stepped and re-encoded on its own (a list
   of one for the rule), so at most one parameter's state exists decoded at a time; parameters with
-  no served state are still stepped together (foreach batching).
+  no served state are still stepped together (foreach batching). A codec with ``fused_step`` (8-bit
+  state) may instead step a parameter itself when its rule declares ``elementwise_update``: decode,
+  update and encode in one compiled kernel, the state never decoded in full.
 """
 
 from __future__ import annotations
@@ -255,7 +257,17 @@ class ComposedOptimizer(torch.optim.Optimizer):
             step=self.global_step + 1, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
-        # coded state: one parameter decoded at a time, re-encoded before the next is decoded
+        # coded state: one parameter decoded at a time, re-encoded before the next is decoded; or,
+        # where the codec fuses and the rule declares an elementwise update, never decoded at all
+        fuse = getattr(self.codec, "fused_step", None)
+        if fuse is not None and alone:
+            unfused = []
+            for pi, p in alone:
+                update = rule.elementwise_update(self.specs[p])
+                item = RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self.state[p], pi, gi)
+                if update is None or not fuse(update, self.declared[p], item, info):
+                    unfused.append((pi, p))
+            alone = unfused
         for batch in ([together] if together else []) + [[x] for x in alone]:
             items = [RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self._view(p), pi, gi) for pi, p in batch]
             rule.step(items, info)

@@ -138,6 +138,16 @@ class Composition:
         for m in self.methods:
             m.check_trainer(settings)
 
+    def install_memory_layers(self, optimizer, settings: TrainerSettings | None = None):
+        """Put the memory layers on one composed optimizer: the codec its state is stored through,
+        then the stepper that decides when it steps (returned; ``None`` without one). Every trainer
+        (torchtitan's builder, ``slimtrain.prepare``, the HF adapter) installs them through this."""
+        codec = self.state_codec()
+        if codec is not None:
+            optimizer.install_codec(codec)
+        stepper = self.stepper_method
+        return stepper.attach_stepper(optimizer, settings or TrainerSettings()) if stepper is not None else None
+
     # -- routing: the rule of every parameter ---------------------------------------------------
     @property
     def implementation(self) -> str:

@@ -128,12 +128,7 @@ def build_optimizer(model: nn.Module, composition: Composition, hyper: Optimizer
     if not groups:
         raise ConfigError("the composition left no trainable parameters in the model")
     optimizer = composition.build_optimizer(groups, hyper)
-    codec = composition.state_codec()
-    if codec is not None:
-        optimizer.install_codec(codec)
-    stepper_method = composition.stepper_method
-    stepper = stepper_method.attach_stepper(optimizer, settings or TrainerSettings()) if stepper_method else None
-    return optimizer, stepper
+    return optimizer, composition.install_memory_layers(optimizer, settings)
 
 
 def prepare(

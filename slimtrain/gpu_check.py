@@ -12,6 +12,8 @@ cleanly when its time is up (default 9 minutes of wall time):
    checkpointing (tokens/s and peak memory side by side; the recipes' own refresh intervals);
 3. ``galore_refresh``: the GaLore refresh at the LLaMA-1B shapes, randomized vs full SVD;
 4. ``layers_bf16``: the parametrized layers against a dense Linear in bf16;
+4b. ``quant8_step``: the optimizer step of one block with 8-bit state, fused and unfused, against
+   full precision at the 60m and 1B shapes (``benchmarks/quant8_step_time.py``, issue 26's table);
 5. ``memory_7b_model`` then ``memory_7b``: the 7b memory of plugins/sltrain_7b_single_gpu.toml, first
    the analytic model (``slimtrain memory --flavor 7b ... --device --batch 16 --seq-len 256 --ac full``),
    then the real peak of a few steps of the recipe as written (batch 16 x 256, full AC), skipped with
@@ -130,6 +132,7 @@ def plan(out: Path, smoke: bool) -> list[Step]:
         refresh = ["--shapes", "96x64,64x96", "--rank", "8", "--repeats", "1"]
         layers = ["--device", "cpu", "--dtype", "bfloat16", "--sizes", "nano", "--tokens", "32", "--reps", "1"]
         compile_flags = ()
+        quant8 = ["--flavors", "nano", "--rounds", "1", "--warmup", "1", "--device", "cpu"]
         # the memory model knows the paper flavors only: its smallest stands in for nano
         memory = ["--flavor", "60m", *MEMORY_7B[2:5], "--batch", "2", "--seq-len", "32", "--ac", "full"]
         memory_7b_flags = ("--sltrain.rank", "8")
@@ -139,6 +142,7 @@ def plan(out: Path, smoke: bool) -> list[Step]:
         refresh = ["--repeats", "3"]
         layers = ["--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192"]
         compile_flags, memory, memory_7b_flags = ("--compile.enable",), list(MEMORY_7B), ()
+        quant8 = ["--flavors", "60m,1b", "--rounds", "7", "--device", "cuda", "--profile"]
     memory_model = out / "memory_7b_model.txt"
     measured_7b = _train_step(
         "memory_7b", f"7b single-GPU recipe ({SINGLE_GPU_7B}, batch 16 x 256, full AC): real peak of 4 steps",
@@ -166,6 +170,9 @@ def plan(out: Path, smoke: bool) -> list[Step]:
         Step("layers_bf16", "parametrized layers vs dense Linear in bf16 (goal: low-rank, SLTrain no slower)",
              [py, str(ROOT / "benchmarks/parametrized_layers.py"), *layers, "--out", str(out / "parametrized_layers.md")],
              120),
+        Step("quant8_step", "optimizer step of one block at 60m and 1B shapes: adamw + state_8bit (fused) vs adamw "
+             "(goal <= 2.0x), galore + state_8bit vs galore (goal <= 1.5x)",
+             [py, str(ROOT / "benchmarks/quant8_step_time.py"), *quant8, "--out", str(out / "quant8_step_time.md")], 90),
         Step("memory_7b_model", "7b single-GPU recipe: the analytic GPU memory model (registry/device_memory.py)",
              [*cli, "memory", *memory], 60),
         measured_7b,

@@ -24,6 +24,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# the 8-bit codec's fused step runs its graph eagerly in tests (same numbers as compiled, up to the
+# last bits of the update): compiling it costs a minute or more per shape on a small shared CPU.
+# Rank workers inherit it. tests/optim/test_quant8_fused.py compiles it once, on a small shape.
+os.environ.setdefault("SLIMTRAIN_FUSED_CODEC", "eager")
+
 
 @pytest.fixture
 def fresh_registry(monkeypatch):

@@ -2,8 +2,8 @@
 state (``Capability.STATE_CODEC``) or WHEN it steps (``Capability.STEPPER``), not what a rule computes.
 
 Nothing here knows a method by name: ``build_optimizers`` wraps slimtrain.titan_integration.optimizer's
-builder, then installs the composition's state codec (``ComposedOptimizer.install_codec``) and attaches
-its stepper (``Method.attach_stepper``) on every model part's ``ComposedOptimizer``. ``check_job`` reads
+builder, then puts the composition's memory layers on every model part's ``ComposedOptimizer``
+(``Composition.install_memory_layers``: its state codec, then its stepper), as ``slimtrain.prepare`` does. ``check_job`` reads
 the trainer settings a layer may be unable to honour from the job config (``TrainerSettings``) and
 asks every method (``Method.check_trainer``), before a model is built
 (``slimtrain.titan_integration.context.build_composition`` calls it).
@@ -70,12 +70,6 @@ def build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=No
     comp = run.composition
     container = optimizer.build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
     settings = trainer_settings(run.job_config)
-    stepper = comp.stepper_method
-    container.steppers = []
-    for opt in container.optimizers:
-        codec = comp.state_codec()
-        if codec is not None:
-            opt.install_codec(codec)
-        if stepper is not None:
-            container.steppers.append(stepper.attach_stepper(opt, settings))
+    steppers = [comp.install_memory_layers(opt, settings) for opt in container.optimizers]
+    container.steppers = [s for s in steppers if s is not None]
     return container

@@ -19,7 +19,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_report(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     report = json.loads(next(tmp_path.glob("gpu_check_*.json")).read_text())
     status = {s["name"]: s["status"] for s in report["steps"]}
-    assert list(status) == ["recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "memory_7b_model", "memory_7b",
+    assert list(status) == ["recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "quant8_step", "memory_7b_model", "memory_7b",
                             "mesh_2d"]
     assert status.pop("mesh_2d").startswith("skipped: needs 4 GPUs for HSDP 2 x 2, this machine has 0")
     assert set(status.values()) == {"ok"}, status
@@ -52,10 +52,11 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):
     seven = runs["sltrain_7b_single_gpu"]
     assert "--model.flavor 7b" in seven and "--training.local_batch_size 16" in seven and "--sltrain.rank" not in seven
     for needle in ("galore_refresh.py", "parametrized_layers.py --device cuda --dtype bfloat16",
+                   "quant8_step_time.py --flavors 60m,1b --rounds 7 --device cuda --profile --out",
                    "memory --flavor 7b --recipes plugins/sltrain_7b_single_gpu.toml --device --batch 16 --seq-len 256 --ac full"):
         assert needle in proc.stdout, needle
     assert [ln.split(":")[0][2:] for ln in lines if ln.startswith("# ")] == [
-        "recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "memory_7b_model", "memory_7b", "mesh_2d"]
+        "recipes_60m", "speed_1b", "galore_refresh", "layers_bf16", "quant8_step", "memory_7b_model", "memory_7b", "mesh_2d"]
     # the 2-D mesh step: 4 processes, HSDP 2 x 2 at 60m, compiled, hooks inside the run
     assert "--nproc-per-node=4" in proc.stdout
     mesh = [ln for ln in lines if "mesh_2d/runs/" in ln]
