@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from slimtrain.registry.device_memory import DeviceMemory, _block_of, _block_size, _rules, _state_bytes, device_memory
+from slimtrain.registry.device_memory import DeviceMemory, _block_of, _rules, _state_bytes, device_memory
 from slimtrain.registry.errors import ConfigError
 from slimtrain.registry.method import ParamSpec
 
@@ -128,12 +128,12 @@ def rank_memory(
 def rank_optimizer_bytes(composition, specs: list[ParamSpec], degrees: Degrees, bytes_per_element: int) -> int:
     """Each rule's declared state on one rank: ``rows`` state divided like its parameter (2-D by
     dp_shard x tp, 1-D by dp_shard), ``replicate`` state whole."""
-    block = _block_size(composition)
+    codec = composition.state_codec()  # the memory layer's own bytes (StateCodec.stored_bytes)
     total = 0.0
     for rule, group in _rules(composition, specs):
         for spec in group:
             for decl in rule.state_specs(spec):
-                b = _state_bytes(decl, block, bytes_per_element)
+                b = _state_bytes(decl, codec, bytes_per_element)
                 if decl.layout == "rows":
                     b /= degrees.dp_shard * (degrees.tp if len(decl.shape) >= 2 else 1)
                 total += b

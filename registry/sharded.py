@@ -51,7 +51,7 @@ class RowShards:
                     f"row-sharded math supports plain tensors and DTensors sharded on rows along one mesh "
                     f"dimension, replicated along the others (FSDP2: Shard(0); HSDP: Replicate(), Shard(0)); "
                     f"got placements {placements} on a {mesh.ndim}-D mesh (tensor parallelism shards "
-                    f"columns or rows twice: refused before the model by titan_integration/parallel_checks.py)"
+                    f"columns or rows twice: the trainer refuses that before the model is built)"
                 )
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

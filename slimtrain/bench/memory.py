@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="micro-batches of --batch sequences per step (with --device): gradients accumulate")
     parser.add_argument("--ac", default="full", choices=("none", "selective", "full"),
                         help="activation checkpointing (with --device)")
-    parser.add_argument("--dp-shard", type=int, default=1, help="FSDP degree (with --device: per rank)")
-    parser.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicate degree (with --device: per rank)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (with --device: per rank)")
+    parser.add_argument("--dp-shard", type=int_at_least(1), default=1, help="FSDP degree (with --device: per rank)")
+    parser.add_argument("--dp-replicate", type=int_at_least(1), default=1, help="HSDP replicate degree (with --device: per rank)")
+    parser.add_argument("--tp", type=int_at_least(1), default=1, help="tensor-parallel degree (with --device: per rank)")
     args = parser.parse_args(argv)
     if args.device and (args.dp_shard, args.dp_replicate, args.tp) != (1, 1, 1):
         return _rank_main(args)
@@ -210,7 +210,7 @@ def _rank_main(args) -> int:
     try:
         rows = [rank_row(r.strip(), args.flavor, batch=args.batch, seq_len=args.seq_len, ac=args.ac,
                          dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, tp=args.tp, rank=args.rank)
-                for r in args.recipes.split(",") if r.strip()]
+                for r in args.recipes]
     except (ValueError, ConfigError) as exc:
         print(f"slimtrain memory: {exc}", file=sys.stderr)
         return 2
