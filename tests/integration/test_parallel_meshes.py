@@ -29,7 +29,7 @@ import pytest
 
 from .helpers import RECIPE_OVERRIDES, offline_args, read_log, run_many
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS, HALF = 4, 2  # the nano overrides fire every 2 steps: a refresh at 3, merges / refactorizations / resets at 2 and 4
 HSDP = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
