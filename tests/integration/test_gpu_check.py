@@ -77,8 +77,8 @@ def test_a_budget_too_small_keeps_the_report_of_what_did_not_run(tmp_path):
     report = json.loads(next(tmp_path.glob("gpu_check_*.json")).read_text())
     assert proc.returncode == 1
     status = [s["status"] for s in report["steps"]]
-    assert status[:6] == ["not run: budget spent"] * 6
-    assert status[6].startswith("skipped: needs 4 GPUs")  # the 2-D mesh step is skipped before the budget counts
+    assert status[:7] == ["not run: budget spent"] * 7  # recipes_60m ... memory_7b, quant8_step among them
+    assert status[7].startswith("skipped: needs 4 GPUs")  # the 2-D mesh step is skipped before the budget counts
 
 
 def test_the_7b_run_is_skipped_with_a_note_when_the_memory_model_says_it_does_not_fit(tmp_path, monkeypatch):
