@@ -17,6 +17,7 @@ from slimtrain.registry.config import config_defaults, config_types
 # subcommand -> "module:function" taking argv (list[str]) and returning an exit code (imported
 # only when the subcommand runs).
 DELEGATED = {
+    "train": ("slimtrain.launch:main", "torchrun titan_integration/train.py, with one message for a settings error"),
     "prepare-data": ("slimtrain.corpus.cli:main", "build the embedded default corpus and tokenizer"),
     "bench": ("slimtrain.bench.cli:main", "run recipes side by side and write tables and plots"),
     "memory": ("slimtrain.bench.memory:main", "print the analytic memory table of recipes"),

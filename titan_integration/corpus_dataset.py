@@ -45,8 +45,8 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 from torchtitan.hf_datasets import text_datasets as _titan_text
 
-from slimtrain.corpus.manifest import read_manifest
-from slimtrain.corpus.prepare import ensure_corpus, vocab_dir_name
+from slimtrain.corpus.manifest import read_manifest, verify_files
+from slimtrain.corpus.prepare import CorpusError, ensure_corpus, vocab_dir_name
 from slimtrain.corpus.sources import sha256_file
 from slimtrain.corpus.tokenizer import TOKENIZER_FILE
 
@@ -216,6 +216,32 @@ def _check_tokenizer(corpus_dir: Path, tokenizer: BaseTokenizer | None) -> None:
                          f"{manifest['vocab_size']} ({corpus_dir})")
 
 
+def _verify_token_file(corpus_dir: Path, split: str, tokenizer: BaseTokenizer | None) -> None:
+    """Refuse a damaged token file before training reads it: against the manifest's size and
+    sha256 when the folder has one (``prepare-data`` writes it; reading costs about a second per
+    GB, once per start), else every token id must be below the tokenizer's vocabulary. Without
+    this a flipped or truncated file fails mid-run as an embedding IndexError naming no file."""
+    name = f"{split}.bin"
+    manifest = read_manifest(corpus_dir)
+    if manifest is not None and name in manifest.get("files", {}):
+        ok, why = verify_files(corpus_dir, manifest, [name])
+        if not ok:
+            raise CorpusError(f"the {split} token file is damaged: {why}; prepare it again "
+                              f"(`slimtrain prepare-data`) or point --training.dataset_path elsewhere")
+        return
+    vocab = tokenizer.get_vocab_size() if tokenizer is not None else None
+    path = corpus_dir / name
+    dtype = np.dtype((manifest or {}).get("token_files", {}).get("dtype", "uint16"))
+    if path.stat().st_size % dtype.itemsize:
+        raise CorpusError(f"{path}: {path.stat().st_size} bytes is not a whole number of {dtype} tokens")
+    log.warning("%s has no manifest entry: checked only that its token ids fit the vocabulary", path)
+    if vocab is not None:
+        top = int(np.memmap(path, dtype=dtype, mode="r").max(initial=0))
+        if top >= vocab:
+            raise CorpusError(f"{path} holds token id {top}, outside the tokenizer's vocabulary of "
+                              f"{vocab}: the file is damaged or was tokenized with another tokenizer")
+
+
 def build_corpus_dataset(dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer | None,
                          dataset_path: str | None, seq_len: int, split: str,
                          infinite: bool, job_config: JobConfig | None = None,
@@ -223,6 +249,7 @@ def build_corpus_dataset(dp_world_size: int, dp_rank: int, tokenizer: BaseTokeni
     """A :class:`TokenFileDataset` over the ``train`` or ``val`` split."""
     corpus_dir = resolve_corpus_dir(dataset_path, tokenizer, job_config)
     _check_tokenizer(corpus_dir, tokenizer)
+    _verify_token_file(corpus_dir, split, tokenizer)
     is_train = split == "train"
     ds = TokenFileDataset(
         corpus_dir / f"{split}.bin", seq_len=seq_len, dp_rank=dp_rank,

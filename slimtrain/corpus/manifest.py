@@ -61,10 +61,26 @@ def check_folder(folder: Path, settings: dict[str, Any]) -> tuple[bool, str]:
         return False, (
             f"settings differ (have {manifest.get('settings')}, want {settings})"
         )
-    for name, entry in manifest.get("files", {}).items():
-        path = folder / name
+    return verify_files(folder, manifest)
+
+
+def verify_files(folder: Path, manifest: dict[str, Any], names: list[str] | None = None) -> tuple[bool, str]:
+    """Whether the files the manifest records (or just ``names`` of them) are present with their
+    recorded size and sha256. Returns ``(ok, reason)``; the reason names the file and both hashes,
+    so a corrupted token file is reported as such instead of failing later as an index error."""
+    files = manifest.get("files", {})
+    for name in (sorted(files) if names is None else names):
+        path = Path(folder) / name
+        entry = files.get(name)
+        if entry is None:
+            return False, f"{path} is not recorded in {Path(folder) / MANIFEST_FILE}"
         if not path.is_file():
             return False, f"{path} missing"
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            return False, f"{path} does not match its recorded hash"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return False, f"{path} has {size} bytes, its manifest records {entry['bytes']}"
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            return False, (f"{path} does not match its recorded hash (sha256 {digest[:16]}..., "
+                           f"manifest {entry['sha256'][:16]}...)")
     return True, "complete"

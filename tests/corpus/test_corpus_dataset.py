@@ -201,3 +201,53 @@ def test_validator_builder_uses_corpus_loader_only_while_building(monkeypatch):
     assert out == ("validator", (1,), {"job_config": "jc"})
     assert seen == [cds.build_text_validation_dataloader]
     assert validate.build_text_validation_dataloader is original
+
+
+def _copy_corpus(result, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(result.path, folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_token_file_is_refused_by_name(small_corpus, tmp_path, damage):
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from slimtrain.corpus.prepare import CorpusError
+
+    _, result = small_corpus
+    folder = _copy_corpus(result, tmp_path)
+    tok = HuggingFaceTokenizer(str(folder))
+    jc = _job_config(folder)
+    jc.training.dataset_path = str(folder)
+    assert next(iter(cds.build_text_dataloader(1, 0, tok, jc)))[1].shape == (4, 16)  # intact: loads
+    data = bytearray((folder / "train.bin").read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    else:
+        data = data[: len(data) - 6]
+    (folder / "train.bin").write_bytes(bytes(data))
+    why = "does not match its recorded hash" if damage == "flip" else r"has \d+ bytes, its manifest records \d+"
+    with pytest.raises(CorpusError, match=rf"train token file is damaged: .*train\.bin {why}"):
+        cds.build_text_dataloader(1, 0, tok, jc)
+
+
+def test_a_token_file_without_manifest_is_checked_against_the_vocabulary(small_corpus, tmp_path):
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from slimtrain.corpus.prepare import CorpusError
+
+    _, result = small_corpus
+    folder = _copy_corpus(result, tmp_path)
+    (folder / "manifest.json").unlink()
+    tok = HuggingFaceTokenizer(str(folder))
+    assert len(cds.build_corpus_dataset(1, 0, tok, str(folder), 16, "train", False)) > 0
+    tokens = np.memmap(folder / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[7] = SMALL_VOCAB + 3
+    tokens.flush()
+    del tokens
+    with pytest.raises(CorpusError, match=rf"holds token id {SMALL_VOCAB + 3}, outside the tokenizer's "
+                                          rf"vocabulary of {tok.get_vocab_size()}"):
+        cds.build_corpus_dataset(1, 0, tok, str(folder), 16, "train", False)
