@@ -122,7 +122,7 @@ def loss_comparison(steps: int, seed: int = 0) -> dict[str, list[float]]:
     return out
 
 
-REAL_VARIANTS = [("2 power iters (default)", 2), ("1 power iter", 1), ("0 power iters", 0)]
+REAL_VARIANTS = [("2 power iters (the default until 2026-12-06)", 2), ("1 power iter", 1), ("0 power iters", 0)]
 
 
 def real_gradient_quality(steps: int, gap: int, seed: int = 0) -> list[dict]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 from slimtrain.registry import DEFAULT_TARGETS, check_range, hookimpl
-from slimtrain.registry.subspace import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
-
 from slimtrain.plugins.galore import GaLore, ProjectionRule, validate_projection
 
 
@@ -26,8 +24,8 @@ class FiraConfig:
     scale: float = 0.25  # the paper's alpha
     gamma: float = 1.01  # norm-growth limiter
     proj_method: str = "auto"  # "auto": svd under convention "reference", else randomized
-    power_iters: int = DEFAULT_POWER_ITERS
-    oversample: int = DEFAULT_OVERSAMPLE
+    power_iters: int | None = None  # None: DEFAULT_POWER_ITERS; refused under convention "reference"
+    oversample: int | None = None  # None: DEFAULT_OVERSAMPLE; refused under convention "reference"
     convention: str = "paper"  # "paper" (the paper's equations) or "reference" (fira 1.0.2's code)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)

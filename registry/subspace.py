@@ -16,8 +16,9 @@ from slimtrain.registry.sharded import RowShards
 
 PROJ_METHODS = ("auto", "randomized", "svd")
 
-#: the randomized refresh's defaults (chosen in docs/benchmarks/galore_refresh.md: within 1e-3 of the
-#: exact-SVD trajectory on full-rank noisy gradients, >= 5x faster than a full SVD at the 1B shapes)
+#: the randomized refresh's defaults (chosen in docs/benchmarks/galore_refresh.md, "Randomized-refresh
+#: defaults": within 1e-3 of the exact-SVD trajectory on full-rank noisy gradients with a spectral gap,
+#: tests/optim/test_refresh_defaults.py)
 DEFAULT_POWER_ITERS = 3
 DEFAULT_OVERSAMPLE = 8
 
@@ -88,7 +89,7 @@ def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
 def randomized_range(
     rows: RowShards, rank: int, side: str, *, power_iters: int = DEFAULT_POWER_ITERS,
     oversample: int = DEFAULT_OVERSAMPLE, seed: int = 0,
-    normalizer: str = "lu",
+    normalizer: str = "lu", gram: bool | None = None,
 ) -> torch.Tensor:
     """The top-``rank`` singular vectors of the (row-sharded) gradient by a randomized SVD.
 
@@ -106,6 +107,9 @@ def randomized_range(
     factor's Gram matrix ``B^T B = sum_k B_k^T B_k`` one all-reduce of l x l. The small factor's
     singular vectors come from an eigh of its float64 Gram matrix (squaring the spectrum costs no
     accuracy that matters at fp32 inputs). G is never gathered.
+
+    Right side, ``gram`` (None: where ``gram_is_cheaper``, e.g. a tall 5461 x 2048 at rank 512):
+    the same from ``H = G^T G`` formed once (``_right_by_gram``), every later product n x n x l.
 
     Returns P (m x rank, orthonormal columns) for ``"left"`` and Q (rank x n, orthonormal rows) for
     ``"right"``; identical on every rank.
@@ -125,6 +129,9 @@ def randomized_range(
         b = rows.allreduce(rows.my_rows(q_y).T @ g).double()  # Q_Y^T G, l x n
         u_b = _top_eigenvectors(b @ b.T, rank).to(q_y.dtype)  # left singular vectors of B
         return canonical_signs(q_y @ u_b, dim=0).contiguous()
+    use_gram = gram_is_cheaper(m, n, width, power_iters) if gram is None else gram
+    if use_gram:
+        return _right_by_gram(rows, rank, width, power_iters, gen, normalizer)
     omega = torch.randn(m, width, generator=gen).to(g.device)
     y = rows.allreduce(g.T @ rows.my_rows(omega))  # G^T omega, n x l
     for _ in range(power_iters):
@@ -132,6 +139,53 @@ def randomized_range(
     q_y = orthonormal_basis(y)  # n x l
     b = (g @ q_y).double()  # this rank's rows of G Q_Y, m_k x l
     v_b = _top_eigenvectors(rows.allreduce(b.T @ b), rank).to(q_y.dtype)  # right singular vectors of B
+    return canonical_signs((q_y @ v_b).T, dim=1).contiguous()
+
+
+def gram_is_cheaper(m: int, n: int, width: int, power_iters: int) -> bool:
+    """Whether the right side's Gram path costs fewer multiply-adds than the product path:
+    ``m n^2 + (q + 2) n^2 l`` (form ``H = G^T G`` once, then every product is n x n x l) against
+    ``(2 q + 2) m n l`` (every product touches G). True for tall matrices with l not far below n,
+    e.g. 5461 x 2048 at rank 512 (1.4x fewer), false for square ones at that rank."""
+    return m * n * n + (power_iters + 2) * n * n * width < (2 * power_iters + 2) * m * n * width
+
+
+def symmetric_gram(g: torch.Tensor) -> torch.Tensor:
+    """``G^T G`` from three of its four column-half blocks (the fourth is the transpose of one):
+    3/4 of a general product's multiply-adds, as BLAS's syrk would do (torch has none). 0.34 s
+    against 0.42 s for ``g.T @ g`` at 5461 x 2048 (one thread, CPU time, docs/benchmarks/galore_refresh.md)."""
+    n = g.shape[1]
+    k = n // 2
+    if k == 0:
+        return g.T @ g
+    a, b = g[:, :k], g[:, k:]
+    h = torch.empty(n, n, dtype=g.dtype, device=g.device)
+    torch.mm(a.T, a, out=h[:k, :k])
+    torch.mm(b.T, b, out=h[k:, k:])
+    ab = a.T @ b
+    h[:k, k:] = ab
+    h[k:, :k] = ab.T
+    return h
+
+
+def _right_by_gram(
+    rows: RowShards, rank: int, width: int, power_iters: int, gen: torch.Generator, normalizer: str,
+) -> torch.Tensor:
+    """The right side from ``H = G^T G`` (n x n; row-sharded G: one all-reduce of n x n, the sum of
+    every rank's ``G_k^T G_k``). Range finder ``Y = H^(q+1) Omega`` (Omega n x l: one half power
+    iteration more than the product path's ``(G^T G)^q G^T Omega``), re-based as there; the small
+    factor's Gram matrix ``B^T B = Q_Y^T H Q_Y`` (B = G Q_Y) needs no further product with G."""
+    g = rows.local
+    n = rows.shape[1]
+    h = rows.allreduce(symmetric_gram(g))  # n x n
+    omega = torch.randn(n, width, generator=gen).to(g.device)
+    y = h @ omega
+    for _ in range(power_iters):
+        y = h @ normalize_basis(y, normalizer)
+    q_y = orthonormal_basis(y)  # n x l
+    small = (q_y.T @ (h @ q_y)).double()
+    small = (small + small.T) / 2  # symmetric up to fp32 rounding
+    v_b = _top_eigenvectors(small, rank).to(q_y.dtype)
     return canonical_signs((q_y @ v_b).T, dim=1).contiguous()
 
 

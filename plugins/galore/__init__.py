@@ -60,8 +60,11 @@ class GaLoreConfig:
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_method: str = "auto"  # "auto" (svd under convention "reference", else randomized), "randomized", "svd"
-    power_iters: int = DEFAULT_POWER_ITERS  # the randomized refresh's power iterations
-    oversample: int = DEFAULT_OVERSAMPLE  # extra sketch columns of the range finder (rank + oversample, capped)
+    # the randomized refresh's power iterations and extra sketch columns (rank + oversample, capped);
+    # None: the defaults (registry/subspace.py, DEFAULT_POWER_ITERS / DEFAULT_OVERSAMPLE). Refused
+    # under convention "reference", whose refresh is the package's exact SVD
+    power_iters: int | None = None
+    oversample: int | None = None
     convention: str = "paper"  # "paper" (the papers' equations) or "reference" (galore-torch 1.0's code)
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
@@ -81,16 +84,28 @@ def validate_projection(cfg: Any, section: str) -> None:
     check_range(section, "power_iters", cfg.power_iters, low=0)
     check_range(section, "oversample", cfg.oversample, low=0)
     check_choice(section, "convention", cfg.convention, CONVENTIONS)
-    if cfg.convention == "reference" and cfg.proj_method == "randomized":
-        package = "galore-torch 1.0" if section == "galore" else "fira 1.0.2"
-        raise ConfigError(
-            f"[{section}] proj_method = 'randomized' contradicts convention = 'reference': the released "
-            f"{package} refreshes by a full SVD; leave proj_method at 'auto' or set 'svd'"
-        )
+    if cfg.convention == "reference":
+        check_reference_refresh(cfg, section)
     if not cfg.targets:
         raise ConfigError(f"[{section}] targets = () is empty; name at least one module pattern")
     if not cfg.roles:
         raise ConfigError(f"[{section}] roles = () is empty; name at least one parameter role, e.g. 'weight'")
+
+
+def check_reference_refresh(cfg: Any, section: str) -> None:
+    """Under ``convention = "reference"`` the refresh is the released package's exact SVD
+    (``torch.linalg.svd`` with its own signs): a setting only the randomized refresh reads would be
+    ignored, so it is refused, naming the method, the key and the value."""
+    package = "galore-torch 1.0" if section == "galore" else "fira 1.0.2"
+    why = f"contradicts convention = 'reference': the released {package} refreshes by its exact SVD"
+    if cfg.proj_method == "randomized":
+        raise ConfigError(f"[{section}] proj_method = 'randomized' {why}; leave proj_method at 'auto' or set 'svd'")
+    for key in ("power_iters", "oversample"):
+        value = getattr(cfg, key)
+        if value is not None:
+            raise ConfigError(
+                f"[{section}] {key} = {value!r} {why} (torch.linalg.svd), which has no {key}; leave {key} unset"
+            )
 
 
 #: "paper": the papers' equations; "reference": the released galore-torch 1.0 / fira 1.0.2 code
@@ -164,14 +179,15 @@ class ProjectionRule(UpdateRule):
 
     def __init__(
         self, method: str, *, rank: int, gap: int, scale: float, proj_method: str = "auto",
-        power_iters: int = DEFAULT_POWER_ITERS, oversample: int = DEFAULT_OVERSAMPLE, fira: bool = False,
+        power_iters: int | None = None, oversample: int | None = None, fira: bool = False,
         gamma: float = 1.01, convention: str = "paper",
     ):
         self.method = method
         self.rank, self.gap, self.scale = int(rank), int(gap), float(scale)
         self.reference = convention == "reference"
         self.proj_method = resolve_proj_method(proj_method, self.reference)
-        self.power_iters, self.oversample = int(power_iters), int(oversample)
+        self.power_iters = DEFAULT_POWER_ITERS if power_iters is None else int(power_iters)
+        self.oversample = DEFAULT_OVERSAMPLE if oversample is None else int(oversample)
         self.fira, self.gamma = bool(fira), float(gamma)
         # the released packages keep torch.linalg.svd's signs; the paper convention fixes them so the
         # randomized and exact refreshes agree (docs/methods/galore-fira.md, Signs)

@@ -312,6 +312,8 @@ BAD_SETTINGS = [
     (["--slimtrain.methods"], "--slimtrain.methods is given without a method name"),
     (["--slimtrain.methods", "--model.flavor", "nano"], "--slimtrain.methods is given without a method name"),
     (["--slimtrain.methods="], "--slimtrain.methods is given without a method name"),
+    (["--slimtrain.methods", "galore", "--galore.rank", "8", "--galore.convention", "reference", "--galore.power_iters", "4"],
+     "[galore] power_iters = 4 contradicts convention = 'reference': the released galore-torch 1.0 refreshes by its exact SVD"),
 ]
 
 

@@ -8,16 +8,18 @@ between refreshes (LAPACK's sign is arbitrary, and with a drifting signal it doe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def drifting_noisy_gradients(
     shape: tuple[int, int], steps: int, *, signal_rank: int, noise: float, seed: int,
-    drift: float = 0.1, scale: float = 1e-3, growth: float = 0.0,
+    drift: float = 0.1, scale: float = 1e-3, growth: float = 0.0, weakest: float = 0.1,
 ) -> list[torch.Tensor]:
     """``steps`` fp32 gradients ``scale * (1 + growth t) * (U_t diag(s) V_t^T + N_t)``.
 
-    ``s`` runs from 1 down to 0.1 (log-spaced, ``signal_rank`` values); ``U_t, V_t`` are orthonormal
+    ``s`` runs from 1 down to ``weakest`` (0.1; log-spaced, ``signal_rank`` values); ``U_t, V_t`` are orthonormal
     bases that take a random step of size ``drift`` every step (re-orthonormalized); ``N_t`` is
     Gaussian with spectral norm about ``noise`` (entries of std ``noise / (sqrt(m) + sqrt(n))``), so
     ``noise`` is the noise floor relative to the strongest signal direction. ``growth`` lets the
@@ -26,7 +28,7 @@ def drifting_noisy_gradients(
     m, n = shape
     g = torch.Generator().manual_seed(seed)
     k = signal_rank
-    spectrum = torch.logspace(0, -1, k, dtype=torch.float64)
+    spectrum = torch.logspace(0, math.log10(weakest), k, dtype=torch.float64)
     u = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
     v = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
     noise_std = noise / (m**0.5 + n**0.5)

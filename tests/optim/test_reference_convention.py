@@ -145,3 +145,23 @@ def test_negative_refresh_settings_are_refused_naming_the_key(key, value):
 
     with pytest.raises(ConfigError, match=rf"\[galore\] {key} = {value}"):
         GaLoreConfig(**{key: value})
+
+
+@pytest.mark.parametrize("method", ["galore", "fira"])
+@pytest.mark.parametrize("key,value", [("power_iters", 4), ("oversample", 0), ("proj_method", "randomized")])
+def test_a_randomized_refresh_setting_under_reference_is_refused_by_the_composition(method, key, value):
+    """The reference refreshes by the package's exact SVD, so a randomized-refresh setting would be
+    silently ignored: the composition (what runs before the model is built) refuses it, naming the
+    method, the key, the value and why. Values as the TOML/CLI give them (strings) are coerced first."""
+    from slimtrain.registry import ConfigError, compose
+
+    package = "galore-torch 1.0" if method == "galore" else "fira 1.0.2"
+    for raw in (value, str(value)):
+        with pytest.raises(ConfigError) as err:
+            compose([method], {method: {"convention": "reference", key: raw}})
+        msg = str(err.value)
+        assert msg.startswith(f"[{method}] {key} = {value!r} contradicts convention = 'reference'"), msg
+        assert f"the released {package} refreshes by its exact SVD" in msg, msg
+    # the same settings under the paper convention, and the reference with them unset, compose
+    compose([method], {method: {"convention": "paper", key: value}})
+    compose([method], {method: {"convention": "reference"}})

@@ -5,7 +5,9 @@ as the rank finds the exact singular vectors. Real gradients are full rank, and 
 basis, so a refresh that is a little off moves every later step. Here: a drifting signal of the
 projection's rank (singular values 1 .. 0.1) plus noise, GaLore and Fira with the default refresh
 (nothing set) against the exact SVD, 30 steps, a refresh every 5. The measured table (more noise
-levels, the cost at the 1B shapes) is in docs/benchmarks/galore_refresh.md.
+levels, the cost at the 1B shapes) is in docs/benchmarks/galore_refresh.md. These cases have a
+spectral gap at r (noise floor 0.02-0.05 under a weakest signal direction of 0.1); where the noise
+reaches the r-th singular value no basis-level goal is set (docs/methods/galore-fira.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ CASES = [  # (shape, rank, noise); noise is the noise floor's spectral norm, the
     ((256, 160), 32, 0.05),
     ((160, 256), 32, 0.02),
     ((256, 384), 128, 0.05),
+    ((384, 256), 128, 0.05),  # tall at l close to n: the Gram path (registry/subspace.py, gram_is_cheaper)
 ]
 
 

@@ -1,6 +1,7 @@
 """The randomized refresh under FSDP2-style row sharding (gloo, 2 spawned CPU ranks): it returns the
 unsharded refresh's basis on every rank, and no collective it runs carries a gradient-sized
-matrix (only thin m x l / l x n ones), i.e. the gradient is never gathered."""
+matrix (only thin m x l / l x n ones, and for a tall gradient on the Gram path the n x n ``G^T G``,
+n < m), i.e. the gradient is never gathered."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def sharded(tmp_path_factory):
 @pytest.mark.parametrize("shape", SHAPES, ids=["tall", "wide"])
 def test_sharded_randomized_refresh_gathers_no_gradient_and_matches_unsharded(sharded, shape):
     from slimtrain.registry.sharded import RowShards
-    from slimtrain.registry.subspace import DEFAULT_OVERSAMPLE, randomized_range, std_side
+    from slimtrain.registry.subspace import DEFAULT_OVERSAMPLE, gram_is_cheaper, randomized_range, std_side
 
     single = randomized_range(RowShards(_gradient(shape)), RANK, std_side(shape), power_iters=POWER_ITERS, seed=3)
     m, n = shape
@@ -63,5 +64,7 @@ def test_sharded_randomized_refresh_gathers_no_gradient_and_matches_unsharded(sh
         torch.testing.assert_close(result, single, rtol=0, atol=1e-4)
         assert moved, "the refresh ran no collective: the test would not see a gather"
         width = min(RANK + DEFAULT_OVERSAMPLE, m, n)  # the sketch's columns (default oversampling)
-        assert max(moved) <= width * max(m, n) < m * n
+        # thin m x l / n x l products, or (the tall one's Gram path) the n x n G^T G, n < m
+        largest = min(m, n) ** 2 if gram_is_cheaper(m, n, width, POWER_ITERS) and m > n else width * max(m, n)
+        assert max(moved) <= largest < m * n
     torch.testing.assert_close(sharded[0][shape][0], sharded[1][shape][0], rtol=0, atol=0)
