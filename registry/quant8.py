@@ -28,7 +28,8 @@ import math
 
 import torch
 
-__all__ = ["MAPS", "Quantized", "codebook", "dequantize", "max_gap", "n_blocks", "nearest_codes", "quantize"]
+__all__ = ["MAPS", "Quantized", "code_table", "codebook", "dequantize", "max_gap", "n_blocks", "nearest_codes", "quantize",
+           "table_codes"]
 
 MAPS = ("dynamic", "linear")
 _POWER = {"dynamic": 3.0, "linear": 1.0}
@@ -117,6 +118,45 @@ def nearest_codes(normed: torch.Tensor, kind: str, signed: bool) -> torch.Tensor
     codes = lo.to(torch.uint8)
     codes.add_(mids.index_select(0, lo.long()) < flat)  # uint8 + bool: ~15x faster on CPU than int64 += bool
     return codes.reshape(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_table_cpu(kind: str, signed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    cb = _codebook_cpu(kind, signed)
+    mids = (cb[1:] + cb[:-1]) * 0.5
+    prefix = torch.arange(1 << 16, dtype=torch.int32)
+    ends = torch.stack([(prefix << 16).view(torch.float32), ((prefix << 16) | 0xFFFF).view(torch.float32)])
+    # normed values are in [-1, 1] (the clamp maps +-inf to +-1); a NaN pattern shares its bucket with
+    # an infinity, so it counts as that infinity (NaN may take any code: its block's scale is NaN)
+    signs = torch.where(prefix & 0x8000 != 0, -1.0, 1.0)
+    ends = torch.where(ends.isnan(), signs, ends).clamp(-1.0, 1.0)
+    low, high = ends.amin(0), ends.amax(0)
+    c_low, c_high = torch.bucketize(low, mids), torch.bucketize(high, mids)
+    if int((c_high - c_low).max()) > 1:
+        return None  # two midpoints in one bucket: the table cannot decide with one comparison
+    thr = torch.where(c_high > c_low, mids[c_low.clamp(max=mids.numel() - 1)], torch.full_like(low, float("inf")))
+    return c_low.to(torch.uint8), thr
+
+
+def code_table(kind: str, signed: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The nearest code by lookup: ``(lo, thr)``, 65536 entries each, indexed by the top 16 bits of
+    a value's fp32 pattern (sign, exponent, 7 mantissa bits: a bucket of relative width 2^-7). Every
+    value of a bucket has the code ``lo`` or ``lo + 1``, the latter exactly where it lies above
+    ``thr``, the one midpoint inside the bucket (``+inf`` where there is none): the codes of
+    ``nearest_codes`` / ``bucketize`` with two table reads and one comparison, no cube root.
+    None for a map whose midpoints lie closer than a bucket (``linear`` near 1: its codes are a
+    cheap product anyway)."""
+    _check(kind, 1)
+    if _POWER[kind] == 1.0:
+        return None
+    t = _code_table_cpu(kind, signed)
+    return None if t is None else (t[0].to(device), t[1].to(device))
+
+
+def table_codes(normed: torch.Tensor, lo: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """``nearest_codes`` through ``code_table`` (``normed`` fp32, clamped to the map's range)."""
+    idx = (normed.view(torch.int32) >> 16) & 0xFFFF
+    return lo[idx] + (normed > thr[idx]).to(torch.uint8)
 
 
 #: rows are encoded and decoded this many elements at a time (at least one row), so the codec's
