@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CpuFusedKernel", "build"]
+__all__ = ["CpuFusedKernel", "build", "decode_rows", "encode_rows"]
 
 _TEMPLATE = r"""
 #include <cmath>
@@ -110,6 +110,90 @@ extern "C" void step(
 """
 
 
+_CODEC = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+extern "C" void encode(int64_t rows, int64_t last, int64_t block, int64_t n_blocks, int nthreads,
+                       const float* __restrict src, int sqrt_, uint8_t* __restrict codes, float* __restrict scales,
+                       const uint8_t* __restrict lo, const float* __restrict thr)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        alignas(64) float x[%(block)d];
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const int64_t start = b * block;
+            const int64_t len = (start + block <= last) ? block : last - start;
+            const float* __restrict in = src + r * last + start;
+            if (sqrt_) for (int64_t i = 0; i < len; ++i) { float v = in[i] < 0.0f ? 0.0f : in[i]; x[i] = std::sqrt(v); }
+            else for (int64_t i = 0; i < len; ++i) x[i] = in[i];
+            uint32_t top = 0;
+            for (int64_t i = 0; i < len; ++i) { uint32_t u; std::memcpy(&u, &x[i], 4); u &= 0x7FFFFFFFu; top = u > top ? u : top; }
+            float amax; std::memcpy(&amax, &top, 4);
+            scales[r * n_blocks + b] = amax;
+            const float safe = amax > 0.0f ? amax : 1.0f;
+            for (int64_t i = 0; i < len; ++i) { float v = x[i] / safe; x[i] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+            uint8_t* __restrict out = codes + r * last + start;
+            for (int64_t i = 0; i < len; ++i) {
+                uint32_t bits; std::memcpy(&bits, &x[i], 4); bits >>= 16;
+                out[i] = (uint8_t)(lo[bits] + (x[i] > thr[bits] ? 1 : 0));
+            }
+        }
+    }
+}
+
+extern "C" void decode(int64_t rows, int64_t last, int64_t block, int64_t n_blocks, int nthreads,
+                       const uint8_t* __restrict codes, const float* __restrict scales, const float* __restrict cb,
+                       int square, float* __restrict dst)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const int64_t start = b * block;
+            const int64_t len = (start + block <= last) ? block : last - start;
+            const float sc = scales[r * n_blocks + b];
+            const uint8_t* __restrict c = codes + r * last + start;
+            float* __restrict out = dst + r * last + start;
+            for (int64_t i = 0; i < len; ++i) out[i] = cb[c[i]] * sc;
+            if (square) for (int64_t i = 0; i < len; ++i) out[i] = out[i] * out[i];
+        }
+    }
+}
+"""
+
+
+def _codec_lib(block_size: int) -> ctypes.CDLL:
+    return _compile(_CODEC % {"block": block_size}, ("encode", "decode"))
+
+
+def encode_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int, sqrt: bool,
+                lo: torch.Tensor, thr: torch.Tensor) -> None:
+    """``quant8.quantize``'s codes and scales of the contiguous fp32 ``x`` (rows, last), written into
+    ``codes`` / ``scales``: the same operations (sqrt of max(x, 0), absmax, x / absmax clamped, the
+    code table), bit for bit."""
+    rows, last = x.shape
+    nb = scales.shape[-1]
+    _codec_lib(block_size).encode(
+        ctypes.c_int64(rows), ctypes.c_int64(last), ctypes.c_int64(block_size), ctypes.c_int64(nb),
+        ctypes.c_int(max(1, torch.get_num_threads())), ctypes.c_void_p(x.data_ptr()), ctypes.c_int(int(sqrt)),
+        ctypes.c_void_p(codes.data_ptr()), ctypes.c_void_p(scales.data_ptr()),
+        ctypes.c_void_p(lo.data_ptr()), ctypes.c_void_p(thr.data_ptr()))
+
+
+def decode_rows(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, block_size: int, square: bool,
+                cb: torch.Tensor) -> None:
+    """``quant8.dequantize`` of contiguous (rows, last) codes into the fp32 ``out``, bit for bit."""
+    rows, last = codes.shape
+    nb = scales.shape[-1]
+    _codec_lib(block_size).decode(
+        ctypes.c_int64(rows), ctypes.c_int64(last), ctypes.c_int64(block_size), ctypes.c_int64(nb),
+        ctypes.c_int(max(1, torch.get_num_threads())), ctypes.c_void_p(codes.data_ptr()),
+        ctypes.c_void_p(scales.data_ptr()), ctypes.c_void_p(cb.data_ptr()), ctypes.c_int(int(square)),
+        ctypes.c_void_p(out.data_ptr()))
+
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "slimtrain" / "kernels"
@@ -118,15 +202,11 @@ def _cache_dir() -> Path:
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
-def build(c_update: str, unsigned: tuple[bool, ...], block_size: int) -> ctypes.CDLL:
-    """The shared library of ``c_update`` (cached on disk and in the process); raises when no
-    compiler is found or compiling fails."""
-    uns = ", ".join(str(int(u)) for u in unsigned)
-    source = _TEMPLATE % {"update": c_update, "k": len(unsigned), "block": block_size, "uns": uns}
+def _compile(source: str, symbols: tuple[str, ...]) -> ctypes.CDLL:
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
     if key in _LIBS:
         return _LIBS[key]
-    out = _cache_dir() / f"quant8_step_{key}.so"
+    out = _cache_dir() / f"quant8_{key}.so"
     if not out.exists():
         cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if cxx is None:
@@ -137,14 +217,25 @@ def build(c_update: str, unsigned: tuple[bool, ...], block_size: int) -> ctypes.
             src.write_text(source)
             cmd = [cxx, "-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
                    str(src), "-o", str(lib)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as exc:
+                raise RuntimeError(f"C++ compiler {cxx} unavailable: {exc}") from exc
             if res.returncode != 0:
                 raise RuntimeError(f"C++ compile failed: {(res.stderr or res.stdout).strip().splitlines()[:1]}")
             os.replace(lib, out)  # atomic: concurrent ranks build the same file
     lib = ctypes.CDLL(str(out))
-    lib.step.restype = None
+    for name in symbols:
+        getattr(lib, name).restype = None
     _LIBS[key] = lib
     return lib
+
+
+def build(c_update: str, unsigned: tuple[bool, ...], block_size: int) -> ctypes.CDLL:
+    """The shared library of ``c_update`` (cached on disk and in the process); raises when no
+    compiler is found or compiling fails."""
+    uns = ", ".join(str(int(u)) for u in unsigned)
+    return _compile(_TEMPLATE % {"update": c_update, "k": len(unsigned), "block": block_size, "uns": uns}, ("step",))
 
 
 def _ptrs(ctype, tensors):
