@@ -26,6 +26,7 @@ An unavailable compiler raises from ``build`` (the caller logs one line and step
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -163,6 +164,7 @@ extern "C" void decode(int64_t rows, int64_t last, int64_t block, int64_t n_bloc
 """
 
 
+@functools.lru_cache(maxsize=None)
 def _codec_lib(block_size: int) -> ctypes.CDLL:
     return _compile(_CODEC % {"block": block_size}, ("encode", "decode"))
 
@@ -202,6 +204,7 @@ def _cache_dir() -> Path:
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_identity() -> str:
     """The host CPU's model and feature flags: the libraries are built for it (``-march=native``),
     so a cache shared by machines with other CPUs keys them apart."""

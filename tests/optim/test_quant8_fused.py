@@ -190,6 +190,7 @@ def test_no_cpp_compiler_falls_back_with_one_logged_line(monkeypatch, tmp_path, 
     from slimtrain.registry import quant8_cpu
 
     monkeypatch.setattr(quant8_cpu, "_LIBS", {})
+    quant8_cpu._codec_lib.cache_clear()
     (pf, of), (pu, ou) = build(True), build(False)
     with caplog.at_level(logging.WARNING, logger=quant8_fused.__name__):
         run(pf, of)
