@@ -9,16 +9,19 @@ scale, parameter and gradient element once and writes each once: fewer bytes tha
 How: a rule that declares ``ElementwiseUpdate.c_source`` (its update of one element as a C function,
 see ``UpdateRule.elementwise_update``) gets a shared library built with the system C++ compiler
 (``c++ -O3 -march=native -fopenmp``; ~1 s, cached under ``$XDG_CACHE_HOME/slimtrain/kernels`` by a
-hash of the source and the CPU's model and flags) and called through ctypes on the tensors' raw pointers: no torch headers, no ninja, no
-torch version coupling. Rows are split over ``torch.get_num_threads()`` OpenMP threads.
+hash of the source and the CPU's model and flags) and called through ctypes on the tensors' raw
+pointers: no torch headers, no ninja, no torch version coupling. Rows are split over
+``torch.get_num_threads()`` OpenMP threads. ``encode_rows`` / ``decode_rows`` are the codec alone
+(``quant8.quantize`` / ``dequantize`` of fp32 CPU tensors use them).
 
 Numbers: decode (codebook value times the block scale, squared for a ``sqrt``-stored moment), the
 absmax (NaN propagates, as ``amax``), normalization (``x / absmax``, clamped to the map's range) and
 the codes (``quant8.code_table``: the codes of ``quant8.nearest_codes``) are the operations of the
-unfused codec in the same order; built with ``-ffp-contract=off`` so the rule's update is the
-C written, no fused multiply-add. What may differ from the eager step is the rule's own C (e.g.
-``sqrt`` vs torch's vectorized one, both correctly rounded): within the 8-bit tolerance of
-tests/optim/test_quant8_fused.py, which compares the two.
+unfused codec in the same order; built with ``-ffp-contract=off`` so the rule's update is the C as
+written (an explicit ``std::fma`` where torch's vectorized kernel has one). What may differ from the
+torch ops is ``sqrt``: correctly rounded here, torch's vectorized one (Sleef) is 0.5001 ulp, so a
+value can be 1 ulp apart: within the 8-bit tolerance of tests/optim/test_quant8_fused.py, which
+compares the two (measured there: codes equal, 1-3 parameters in 88064 one ulp apart).
 
 An unavailable compiler raises from ``build`` (the caller logs one line and steps unfused).
 """
