@@ -17,7 +17,7 @@ local) tensors of the state, written in place: checkpoints and resume are unchan
 
 On CPU, a rule that also gives its update in C (``ElementwiseUpdate.c_source``) runs through
 ``slimtrain.registry.quant8_cpu`` instead: one hand-written pass per block (inductor's CPU code for
-this graph is ~10 loops with full-size buffers: 5x fp32 AdamW; the loop ~2x, measured in
+this graph is ~10 loops with full-size buffers: 5x fp32 AdamW; the loop 0.9-1.2x, measured in
 docs/benchmarks/quant8_step_time.md).
 
 Unavailable backend: the first call of a kernel that fails to compile (no C++ compiler, no triton)
