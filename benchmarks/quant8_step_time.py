@@ -4,8 +4,10 @@ One LLaMA block's seven projections (wq, wk, wv, wo: dim x dim; w1, w3: ffn x di
 the 60m and 1B shapes, fp32, fixed gradients, every optimizer built over its own copy of the same
 parameters, stepped round-robin in one process (a machine-speed drift hits every variant alike),
 median step time. Variants: torch.optim.AdamW(foreach) and the composed ``adamw``; ``adamw +
-state_8bit`` unfused (decode, AdamW, encode) and fused (``slimtrain.registry.quant8_fused``, compiled
-unless ``SLIMTRAIN_FUSED_CODEC`` says otherwise; compiling happens in the untimed warm-up steps);
+state_8bit`` unfused (decode, AdamW, encode) and fused (``slimtrain.registry.quant8_fused``: on CPU the hand-written
+loop of ``quant8_cpu``, on GPU torch.compile, unless ``SLIMTRAIN_FUSED_CODEC`` says otherwise; compiling
+happens in the untimed warm-up steps; ``--inductor`` adds torch.compile's CPU graph); the unfused
+codec with torch's ops (``eager``: the step before issue 26's work);
 ``galore`` (rank ``--rank``, no refresh in the timed steps) and ``galore + state_8bit``.
 ``--profile`` adds where the unfused 8-bit step's time goes (decode, AdamW on decoded moments,
 encode and its ``nearest_codes``), per block.
@@ -51,7 +53,7 @@ def block_model(flavor: str, device) -> torch.nn.Module:
     return model
 
 
-def variants(flavor: str, device, rank: int):
+def variants(flavor: str, device, rank: int, inductor: bool = False):
     """(label, factory) pairs; each factory returns (params, optimizer) over a fresh block."""
     from slimtrain.plugins.state_8bit import Quant8Codec
     from slimtrain.registry import OptimizerHyper, compose
@@ -62,7 +64,8 @@ def variants(flavor: str, device, rank: int):
         model = block_model(flavor, device)
         return list(model.parameters()), torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
 
-    def composed(methods, sections, codec=None, fused=True):
+    def composed(methods, sections, codec=None, fused=True, mode=None):
+        """``mode``: the ``SLIMTRAIN_FUSED_CODEC`` this variant steps under (set around its steps)."""
         def build():
             model = block_model(flavor, device)
             comp = compose(methods, sections)
@@ -72,18 +75,43 @@ def variants(flavor: str, device, rank: int):
                 if not fused:
                     c.fused_step = lambda *a: False
                 opt.install_codec(c)
+            if mode is not None:
+                from slimtrain.registry import quant8_fused
+
+                plain = opt.step
+
+                def step(*a, **k):
+                    saved, quant8_fused.MODE = quant8_fused.MODE, mode
+                    try:
+                        return plain(*a, **k)
+                    finally:
+                        quant8_fused.MODE = saved
+                opt.step = step
             return list(model.parameters()), opt
         return build
 
+    def torchao_adamw8bit():
+        from torchao.optim import AdamW8bit  # not a dependency: the variant is left out where it is missing
+
+        model = block_model(flavor, device)
+        return list(model.parameters()), AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+    try:
+        import torchao.optim  # noqa: F401
+
+        extra = [("torchao AdamW8bit", torchao_adamw8bit)]
+    except Exception:  # noqa: BLE001
+        extra = []
     galore = {"galore": {"rank": rank, "update_proj_gap": 10**9}}
     return [
         ("torch.optim.AdamW foreach", torch_adamw),
         ("adamw", composed([], {})),
-        ("adamw + state_8bit, unfused", composed(["state_8bit"], {}, codec=True, fused=False)),
+        ("adamw + state_8bit, unfused torch ops (before)", composed(["state_8bit"], {}, codec=True, fused=False, mode="eager")),
         ("adamw + state_8bit", composed(["state_8bit"], {}, codec=True)),
         ("galore", composed(["galore"], galore)),
+        ("galore + state_8bit, torch ops (before)", composed(["galore", "state_8bit"], galore, codec=True, mode="eager")),
         ("galore + state_8bit", composed(["galore", "state_8bit"], galore, codec=True)),
-    ]
+    ] + ([("adamw + state_8bit, inductor", composed(["state_8bit"], {}, codec=True, mode="inductor"))] if inductor else []) + extra
 
 
 def _sync(device) -> None:
@@ -93,7 +121,7 @@ def _sync(device) -> None:
 
 def time_flavor(flavor: str, args, device) -> dict[str, float]:
     built = {}
-    for label, factory in variants(flavor, device, args.rank or RANKS[flavor]):
+    for label, factory in variants(flavor, device, args.rank or RANKS[flavor], args.inductor):
         params, opt = factory()
         t0 = time.perf_counter()
         for _ in range(args.warmup):  # state, the first projection, compiling
@@ -160,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=None, help="GaLore rank (default 128 at 60m, 512 at 1b)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--inductor", action="store_true", help="also time the fused graph compiled by torch.compile "
+                    "on CPU (SLIMTRAIN_FUSED_CODEC=inductor; minutes of compiling in the warm-up)")
     ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -171,8 +201,13 @@ def main(argv=None) -> int:
              "| step | " + " | ".join(f"{f} block" for f in args.flavors.split(",")) + " |",
              "|---|" + "---|" * len(args.flavors.split(","))]
     results = {f: time_flavor(f, args, device) for f in args.flavors.split(",")}
-    pairs = [("adamw", "torch.optim.AdamW foreach"), ("adamw + state_8bit, unfused", "adamw"),
-             ("adamw + state_8bit", "adamw"), ("galore", "adamw"), ("galore + state_8bit", "galore")]
+    pairs = [("adamw", "torch.optim.AdamW foreach"), ("adamw + state_8bit, unfused torch ops (before)", "adamw"),
+             ("adamw + state_8bit", "adamw"), ("galore", "adamw"), ("galore + state_8bit, torch ops (before)", "galore"),
+             ("galore + state_8bit", "galore")] + ([("adamw + state_8bit, inductor", "adamw")] if args.inductor else [])
+    if all("torchao AdamW8bit" in results[f] for f in results):
+        pairs.append(("adamw + state_8bit", "torchao AdamW8bit"))  # the GPU goal: <= 1.2x at 1B
+    else:
+        lines.insert(1, "(torchao not installed: no torchao AdamW8bit row)")
     for a, b in pairs:
         cells = [f"{results[f][a] * 1e3:.1f} / {results[f][b] * 1e3:.1f} ms = {results[f][a] / results[f][b]:.2f}x"
                  for f in results]

@@ -30,6 +30,23 @@ def adamw_elementwise(param, grad, exp_avg, exp_avg_sq, scalars):
     return param, exp_avg, exp_avg_sq
 
 
+#: ``adamw_elementwise`` of one element in C (``ElementwiseUpdate.c_source``): the same operations in
+#: the same order; torch's vectorized CPU ``lerp`` is one fused multiply-add (``fma(w, end - start,
+#: start)`` for a weight below 0.5, else ``fma(w - 1, end - start, end)``), so this one is too
+ADAMW_C = r"""
+static inline void update(float* p, float g, float* mom, const float* s) {
+    const float decay = s[0], w1 = s[1], beta2 = s[2], w2 = s[3], bc2_sqrt = s[4], eps = s[5], neg = s[6];
+    float param = *p * decay;
+    const float m = mom[0], d = g - m;
+    mom[0] = std::fabs(w1) < 0.5f ? std::fma(w1, d, m) : std::fma(w1 - 1.0f, d, g);
+    const float gg = g * g;
+    mom[1] = mom[1] * beta2 + gg * w2;
+    const float denom = std::sqrt(mom[1]) / bc2_sqrt + eps;
+    *p = param + neg * (mom[0] / denom);
+}
+"""
+
+
 def adamw_scalars(item: RuleParam, info: StepInfo) -> torch.Tensor:
     """Advance the step count; the step's scalars as torch's Adam computes them (in double)."""
     step_t = item.state["step"]
@@ -69,7 +86,7 @@ class AdamWRule(UpdateRule):
 
     def elementwise_update(self, spec: ParamSpec) -> ElementwiseUpdate:
         """The fusable form of ``step`` (``state_8bit`` fuses it with its decode and encode)."""
-        return ElementwiseUpdate(adamw_elementwise, ("exp_avg", "exp_avg_sq"), adamw_scalars)
+        return ElementwiseUpdate(adamw_elementwise, ("exp_avg", "exp_avg_sq"), adamw_scalars, ADAMW_C)
 
     def step_temporaries(self, specs: list[ParamSpec]) -> int:
         """Elements torch's Adam allocates stepping ``specs`` at once (the device memory model):

@@ -40,10 +40,11 @@ from slimtrain.registry.projected_moments import (
     NORM_EPS,
     channel_ratio,
     check_rank,
+    limiter_from_norm,
     limiter_state_spec,
-    norm_growth_limiter,
     project,
     projected_state_specs,
+    scaled_norm,
     update_moments,
 )
 from slimtrain.registry.sharded import RowShards
@@ -164,13 +165,18 @@ class ApolloRule(UpdateRule):
             phi = channel_ratio(direction, low, side)  # ||Adam(R)_j|| / (||R_j|| + 1e-8)
         else:
             phi = tensor_factor(direction, low, rows if side == "right" else None)
-        scaled = g * phi
-        if self.limiter:
-            scaled.div_(norm_growth_limiter(scaled, state["limiter_prev"], rows, self.gamma))
         beta1, beta2 = info.betas
         step_size = info.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        # W <- W - step_size sqrt(scale) (G phi) / limiter as ONE fused pass over W and G: the
+        # limiter needs only ||G phi|| (from G's row or column norms), so the scaled gradient is
+        # never formed (the package forms it, scales it twice and adds it: four passes)
+        coef = phi * (-step_size * math.sqrt(self.scale))
+        if self.limiter:
+            coef = coef / limiter_from_norm(scaled_norm(g, phi, rows), state["limiter_prev"], self.gamma)
         p_local = local_tensor(p.param.data)
-        p_local.add_((scaled * math.sqrt(self.scale)).to(p_local.dtype), alpha=-step_size)
+        if g.dtype != p_local.dtype:
+            g = g.to(p_local.dtype)
+        p_local.addcmul_(g, coef.to(p_local.dtype))
         if info.weight_decay != 0:  # after the update, as the package
             p_local.add_(p_local, alpha=-info.lr * info.weight_decay)
 

@@ -132,11 +132,12 @@ class Quant8Codec(StateCodec):
         if (param.dtype != torch.float32 or grad.dtype != torch.float32 or param.numel() == 0
                 or not param.is_contiguous() or tuple(grad.shape) != tuple(param.shape)):
             return False
-        key = (update.fn, tuple(d.non_negative for d in moments))
+        key = (update.fn, tuple(d.non_negative for d in moments), update.c_source)
         kernels = self.__dict__.setdefault("_kernels", {})
         kernel = kernels.get(key)
         if kernel is None:
-            kernel = kernels[key] = quant8_fused.FusedCodecKernel(update.fn, key[1], self.kind, self.block_size)
+            kernel = kernels[key] = quant8_fused.FusedCodecKernel(update.fn, key[1], self.kind, self.block_size,
+                                                                  update.c_source)
         stored = [local_tensor(item.state[k]) for d in moments for k in self.stored_keys(d)]
         scalars = update.scalars_for(item, info)
         if not kernel(param, grad.contiguous(), stored, scalars):

@@ -28,7 +28,8 @@ import math
 
 import torch
 
-__all__ = ["MAPS", "Quantized", "codebook", "dequantize", "max_gap", "n_blocks", "nearest_codes", "quantize"]
+__all__ = ["MAPS", "Quantized", "code_table", "codebook", "dequantize", "max_gap", "n_blocks", "nearest_codes", "quantize",
+           "table_codes"]
 
 MAPS = ("dynamic", "linear")
 _POWER = {"dynamic": 3.0, "linear": 1.0}
@@ -119,6 +120,46 @@ def nearest_codes(normed: torch.Tensor, kind: str, signed: bool) -> torch.Tensor
     return codes.reshape(shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _code_table_cpu(kind: str, signed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    cb = _codebook_cpu(kind, signed)
+    mids = (cb[1:] + cb[:-1]) * 0.5
+    prefix = torch.arange(1 << 16, dtype=torch.int32)
+    ends = torch.stack([(prefix << 16).view(torch.float32), ((prefix << 16) | 0xFFFF).view(torch.float32)])
+    # normed values are in [-1, 1] (the clamp maps +-inf to +-1), so the buckets of exponent 255 hold
+    # only NaN there: code 0, as nearest_codes gives (a NaN's block has a NaN scale: any code decodes NaN)
+    nan = ends.isnan().any(0)
+    ends = ends.nan_to_num(nan=0.0).clamp(-1.0, 1.0)
+    low, high = ends.amin(0), ends.amax(0)
+    c_low, c_high = torch.bucketize(low, mids), torch.bucketize(high, mids)
+    c_low[nan], c_high[nan] = 0, 0
+    if int((c_high - c_low).max()) > 1:
+        return None  # two midpoints in one bucket: the table cannot decide with one comparison
+    thr = torch.where(c_high > c_low, mids[c_low.clamp(max=mids.numel() - 1)], torch.full_like(low, float("inf")))
+    return c_low.to(torch.uint8), thr
+
+
+def code_table(kind: str, signed: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The nearest code by lookup: ``(lo, thr)``, 65536 entries each, indexed by the top 16 bits of
+    a value's fp32 pattern (sign, exponent, 7 mantissa bits: a bucket of relative width 2^-7). Every
+    value of a bucket has the code ``lo`` or ``lo + 1``, the latter exactly where it lies above
+    ``thr``, the one midpoint inside the bucket (``+inf`` where there is none): the codes of
+    ``nearest_codes`` / ``bucketize`` with two table reads and one comparison, no cube root.
+    None for a map whose midpoints lie closer than a bucket (``linear`` near 1: its codes are a
+    cheap product anyway)."""
+    _check(kind, 1)
+    if _POWER[kind] == 1.0:
+        return None
+    t = _code_table_cpu(kind, signed)
+    return None if t is None else (t[0].to(device), t[1].to(device))
+
+
+def table_codes(normed: torch.Tensor, lo: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """``nearest_codes`` through ``code_table`` (``normed`` fp32, clamped to the map's range)."""
+    idx = (normed.view(torch.int32) >> 16) & 0xFFFF
+    return lo[idx] + (normed > thr[idx]).to(torch.uint8)
+
+
 #: rows are encoded and decoded this many elements at a time (at least one row), so the codec's
 #: temporaries stay ~26 bytes x CHUNK_ELEMENTS (~100 MB) whatever the moment's size: a 7B embedding's
 #: moments (131M elements) would otherwise take ~3.4 GB of temporaries (the memory model counts this)
@@ -129,6 +170,27 @@ def _row_chunks(rows: int, last: int):
     step = max(1, CHUNK_ELEMENTS // max(1, last))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
+
+
+def _native(t: torch.Tensor, block_size: int, fp32: bool = True) -> bool:
+    """Whether the codec's CPU loops (``quant8_cpu``: one pass per block, bit for bit the torch ops
+    below) serve ``t``: a contiguous CPU tensor, fp32 where ``fp32``, a block that fits the loop's
+    buffer, and native code allowed (``SLIMTRAIN_FUSED_CODEC=compile``, the default; the test suite
+    runs ``eager``). A compiler that is missing switches it off with one logged line."""
+    if t.device.type != "cpu" or not t.is_contiguous() or block_size > 16384 or (fp32 and t.dtype != torch.float32):
+        return False
+    from slimtrain.registry import quant8_fused
+
+    if quant8_fused.MODE != "compile" or not quant8_fused.fused_available():
+        return False
+    try:
+        from slimtrain.registry import quant8_cpu
+
+        quant8_cpu._codec_lib(block_size)
+    except Exception as exc:  # noqa: BLE001  (no compiler, a failed build)
+        quant8_fused.disable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
+        return False
+    return True
 
 
 def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size: int = 256,
@@ -146,6 +208,12 @@ def quantize(x: torch.Tensor, *, signed: bool, kind: str = "dynamic", block_size
     nb = n_blocks(last, block_size)
     codes = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
     scales = torch.empty((rows.shape[0], nb), dtype=torch.float32, device=x.device)
+    table = code_table(kind, signed) if x.device.type == "cpu" else None
+    if table is not None and _native(rows, block_size):
+        from slimtrain.registry.quant8_cpu import encode_rows
+
+        encode_rows(rows, codes, scales, block_size, sqrt, *table)
+        return Quantized((codes.reshape(x.shape), scales.reshape(*x.shape[:-1], nb)))
     for a, b in _row_chunks(rows.shape[0], last):
         part = rows[a:b].to(torch.float32)  # a view when x is fp32: nothing below writes into it
         if sqrt:
@@ -172,6 +240,11 @@ def dequantize(
     nb = n_blocks(last, block_size)
     row_scales = scales.reshape(rows.shape[0], nb).to(torch.float32)
     out = torch.empty(rows.shape, dtype=dtype, device=codes.device)
+    if dtype == torch.float32 and _native(rows, block_size, fp32=False):
+        from slimtrain.registry.quant8_cpu import decode_rows
+
+        decode_rows(rows, row_scales.contiguous(), out, block_size, square, cb)
+        return out.reshape(codes.shape)
     for a, b in _row_chunks(rows.shape[0], last):
         values = cb.index_select(0, rows[a:b].reshape(-1).long()).reshape(b - a, last)  # faster than cb[codes] on CPU
         blocks, _ = _blocked(values, block_size)

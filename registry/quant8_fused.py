@@ -15,6 +15,11 @@ a * b + c), so a code can differ by one where the updated moment lies within an 
 within the 8-bit tolerance of tests/optim/test_quant8.py. Codes and scales stay the plain (or DTensor
 local) tensors of the state, written in place: checkpoints and resume are unchanged.
 
+On CPU, a rule that also gives its update in C (``ElementwiseUpdate.c_source``) runs through
+``slimtrain.registry.quant8_cpu`` instead: one hand-written pass per block (inductor's CPU code for
+this graph is ~10 loops with full-size buffers: 5x fp32 AdamW; the loop 0.9-1.2x, measured in
+docs/benchmarks/quant8_step_time.md).
+
 Unavailable backend: the first call of a kernel that fails to compile (no C++ compiler, no triton)
 logs one line and switches fusion off for the process; the step then runs unfused (the same numbers
 as before this module). ``SLIMTRAIN_FUSED_CODEC`` (``MODE`` below) chooses compiled, eager or off.
@@ -28,13 +33,15 @@ from typing import Callable
 
 import torch
 
-from slimtrain.registry.quant8 import codebook, n_blocks
+from slimtrain.registry.quant8 import code_table, codebook, n_blocks, table_codes
 
 __all__ = ["FusedCodecKernel", "fused_available", "disable"]
 
 log = logging.getLogger(__name__)
 
-#: ``SLIMTRAIN_FUSED_CODEC``: ``compile`` (default: the fused graph compiled), ``eager`` (the same graph
+#: ``SLIMTRAIN_FUSED_CODEC``: ``compile`` (default: on CPU the hand-written loop of ``quant8_cpu`` where
+#: the rule gives its update in C, else the fused graph compiled by torch.compile), ``inductor`` (the
+#: graph compiled by torch.compile on CPU too), ``eager`` (the same graph
 #: run op by op: the test suite's setting, where a compile per shape would cost minutes on a small
 #: CPU), ``0`` / ``off`` (not fused: decode, the rule's step, encode)
 MODE = os.environ.get("SLIMTRAIN_FUSED_CODEC", "compile").strip().lower()
@@ -75,7 +82,9 @@ def _decode(codes, scales, cb, block_size: int, square: bool):
     return x * x if square else x
 
 
-def _codes(normed, mids, power: float, signed: bool):
+def _codes(normed, mids, power: float, signed: bool, table=None):
+    if table is not None:  # the dynamic map: two reads of a 65536-entry table, one comparison
+        return table_codes(normed, *table)
     u = normed.abs()
     if power != 1.0:
         u = u.pow(1.0 / power)
@@ -87,7 +96,7 @@ def _codes(normed, mids, power: float, signed: bool):
     return (lo + (mids[lo] < normed).long()).to(torch.uint8)
 
 
-def _encode(x, mids, block_size: int, power: float, signed: bool, sqrt: bool):
+def _encode(x, mids, block_size: int, power: float, signed: bool, sqrt: bool, table=None):
     rows, last = x.shape
     if sqrt:
         x = x.clamp_min(0).sqrt()
@@ -99,7 +108,7 @@ def _encode(x, mids, block_size: int, power: float, signed: bool, sqrt: bool):
         amax = part.abs().amax(dim=-1, keepdim=True)
         safe = torch.where(amax > 0, amax, torch.ones_like(amax))
         normed = (part / safe).clamp(-1.0, 1.0)
-        codes.append(_codes(normed, mids, power, signed).reshape(rows, -1))
+        codes.append(_codes(normed, mids, power, signed, table).reshape(rows, -1))
         amaxes.append(amax.reshape(rows, -1))
     if len(codes) == 1:
         return codes[0], amaxes[0]
@@ -113,24 +122,29 @@ class FusedCodecKernel:
     local 2-D shape, ``scalars`` a 1-D fp32 tensor, so no step value is baked into the graph);
     ``unsigned[i]`` says moment i is stored as ``sqrt`` with the unsigned map (``non_negative``)."""
 
-    def __init__(self, fn: Callable, unsigned: tuple[bool, ...], kind: str, block_size: int):
+    def __init__(self, fn: Callable, unsigned: tuple[bool, ...], kind: str, block_size: int, c_source: str = ""):
         from slimtrain.registry.quant8 import _POWER
 
         self.fn, self.unsigned, self.kind, self.block_size = fn, tuple(unsigned), kind, block_size
+        self.c_source, self._cpu = c_source, None
         self.power = _POWER[kind]
+        #: per moment: codebook, midpoints (and the code table where the map has one)
+        self.width = 4 if all(code_table(kind, not u) is not None for u in self.unsigned) else 2
         self._compiled = None
 
     def eager(self, param, grad, codes_scales, scalars, tables):
         """The graph ``torch.compile`` compiles (also runnable as is: the tests compare both)."""
+        w = self.width
         moments = []
         for i, uns in enumerate(self.unsigned):
-            cb = tables[2 * i]
+            cb = tables[w * i]
             moments.append(_decode(codes_scales[2 * i], codes_scales[2 * i + 1], cb, self.block_size, square=uns))
         out = self.fn(param, grad, *moments, scalars)
         new_param, new_moments = out[0], out[1:]
         encoded = []
         for i, uns in enumerate(self.unsigned):
-            c, s = _encode(new_moments[i], tables[2 * i + 1], self.block_size, self.power, not uns, uns)
+            table = tuple(tables[w * i + 2: w * i + 4]) if w == 4 else None
+            c, s = _encode(new_moments[i], tables[w * i + 1], self.block_size, self.power, not uns, uns, table)
             encoded += [c, s]
         return (new_param, *encoded)
 
@@ -151,11 +165,28 @@ class FusedCodecKernel:
         return self._compiled
 
     def _tables(self, device):
+        cache = self.__dict__.setdefault("_table_cache", {})
+        if str(device) not in cache:  # once per device: no host-to-device copies per step
+            cache[str(device)] = self._make_tables(device)
+        return cache[str(device)]
+
+    def _make_tables(self, device):
         tables = []
         for uns in self.unsigned:
             cb = codebook(self.kind, not uns, device)
             tables += [cb, (cb[1:] + cb[:-1]) * 0.5]
+            if self.width == 4:
+                tables += list(code_table(self.kind, not uns, device))
         return tables
+
+    def _use_c(self, p2, g2, cs) -> bool:
+        """The hand-written CPU loop (``quant8_cpu``): compiled mode, a rule that gives its update in
+        C, a map with a code table, a block that fits the loop's stack buffer, CPU tensors."""
+        if MODE != "compile" or not self.c_source or self.width != 4 or self.block_size > 16384:
+            return False
+        from slimtrain.registry.quant8_cpu import CpuFusedKernel
+
+        return CpuFusedKernel.accepts(p2, g2, cs)
 
     def step_eager(self, param, grad, codes_scales, scalars) -> None:
         """The same step, not compiled (the step during which compiling failed)."""
@@ -170,6 +201,19 @@ class FusedCodecKernel:
             return False
         tables = self._tables(param.device)
         p2, g2, cs = _as_rows(param, grad, codes_scales)
+        if self._use_c(p2, g2, cs):
+            try:
+                if self._cpu is None:
+                    from slimtrain.registry.quant8_cpu import CpuFusedKernel
+
+                    w = self.width
+                    per_moment = [(tables[w * i], tables[w * i + 2], tables[w * i + 3]) for i in range(len(self.unsigned))]
+                    self._cpu = CpuFusedKernel(self.c_source, self.unsigned, self.block_size, per_moment)
+            except Exception as exc:  # noqa: BLE001  (no compiler, a failed build)
+                disable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
+                return False
+            self._cpu(p2, g2, cs, scalars)
+            return True
         try:
             import torch._dynamo
 

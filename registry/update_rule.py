@@ -110,6 +110,11 @@ class ElementwiseUpdate:
     fn: Callable[..., tuple[torch.Tensor, ...]]
     moments: tuple[str, ...]
     scalars_for: Callable[["RuleParam", "StepInfo"], torch.Tensor]
+    #: optional: the same update of ONE element in C, ``static inline void update(float* p, float g,
+    #: float* mom, const float* s)`` (``mom[i]`` the i-th of ``moments``, updated in place; ``s`` the
+    #: scalars). A codec may compile it into a hand-written CPU loop (``slimtrain.registry.quant8_cpu``:
+    #: decode, update and encode in one pass), where torch.compile's CPU code is several passes.
+    c_source: str = ""
 
 
 class UpdateRule:

@@ -13,7 +13,9 @@ cleanly when its time is up (default 9 minutes of wall time):
 3. ``galore_refresh``: the GaLore refresh at the LLaMA-1B shapes, randomized vs full SVD;
 4. ``layers_bf16``: the parametrized layers against a dense Linear in bf16;
 4b. ``quant8_step``: the optimizer step of one block with 8-bit state, fused and unfused, against
-   full precision at the 60m and 1B shapes (``benchmarks/quant8_step_time.py``, issue 26's table);
+   full precision at the 60m and 1B shapes (``benchmarks/quant8_step_time.py``, issue 26's table;
+   on the GPU the fused step is torch.compile's triton kernel; a row against torchao's AdamW8bit,
+   issue 26's GPU goal of <= 1.2x at 1B, where ``torchao`` is installed);
 5. ``memory_7b_model`` then ``memory_7b``: the 7b memory of plugins/sltrain_7b_single_gpu.toml, first
    the analytic model (``slimtrain memory --flavor 7b ... --device --batch 16 --seq-len 256 --ac full``),
    then the real peak of a few steps of the recipe as written (batch 16 x 256, full AC), skipped with

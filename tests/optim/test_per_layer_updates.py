@@ -112,11 +112,23 @@ def runs(tmp_path_factory):
     }
 
 
-def _same(got: dict, want: dict, tol: float) -> None:
+def _same(got: dict, want: dict, tol: float, loose: dict[str, float] | None = None) -> None:
     for key, w in want.items():
         if key.startswith("_"):
             continue
-        assert torch.allclose(got[key].float(), w.float(), rtol=tol, atol=tol), (key, (got[key] - w).abs().max())
+        t = (loose or {}).get(key, tol)
+        assert torch.allclose(got[key].float(), w.float(), rtol=t, atol=t), (key, (got[key] - w).abs().max())
+
+
+#: Measured (2026-12-06, issue 26), apollo_mini_muon_reset at 2 ranks vs unsharded: every APOLLO-Mini,
+#: Muon and norm weight within 2.2e-7, output.weight (an AdamW parameter: apollo_mini and muon target
+#: only the blocks) 3.4e-5. The same amplification shows without sharding: the unsharded run with
+#: APOLLO's fused update against the run with the package's formulation (the same math, other float
+#: rounding) differs by <= 1.5e-7 in every weight but output.weight, 2.8e-5 there; the package's
+#: formulation itself gave 1.1e-5 at 2 ranks. AdamW's m / (sqrt(v) + eps) turns last-bit differences
+#: of output.weight's tiny gradient entries into update differences of a fraction of LR. So that one
+#: AdamW tensor gets 1e-4 (3x the measured), everything else keeps 2e-5.
+LOOSE = {"apollo_mini_muon_reset": {"output.weight": 1e-4}}
 
 
 def _same_up_to_code_flips(got: dict, want: dict, tol: float = 2e-4, share: float = 1e-3) -> None:
@@ -152,7 +164,7 @@ def test_per_layer_under_fsdp2_equals_the_plain_unsharded_step(runs, recipe, wor
         if "8bit" in recipe:
             _same_up_to_code_flips(got, plain)
         else:
-            _same(got, plain, 2e-5)
+            _same(got, plain, 2e-5, LOOSE.get(recipe))
         assert int(got["_live"]) == 1
     mean_loss = torch.stack([r[(recipe, True)]["_losses"] for r in runs[f"sharded{world}"]]).mean(0)
     assert torch.allclose(mean_loss, plain["_losses"], rtol=1e-4, atol=1e-5)

@@ -118,6 +118,27 @@ def test_nearest_codes_equal_a_binary_search_over_the_midpoints(kind, signed, se
     assert torch.equal(nearest_codes(x, kind, signed), torch.bucketize(x, mids).to(torch.uint8))
 
 
+@given(signed=st.booleans(), seed=st.integers(0, 2**16), log_scale=st.floats(-12, 0))
+def test_the_code_table_gives_the_codes_of_a_binary_search(signed, seed, log_scale):
+    """quant8.code_table (the fused CPU loop's codes: two reads and one comparison) against
+    torch.bucketize, on random values, the code values, the midpoints and their float neighbours, 0,
+    -0 and the ends; the linear map has no table (its midpoints near 1 lie closer than a bucket)."""
+    from slimtrain.registry.quant8 import code_table, table_codes
+
+    cb = codebook("dynamic", signed)
+    mids = (cb[1:] + cb[:-1]) * 0.5
+    x = (torch.rand(4000, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * 10.0 ** log_scale
+    x = torch.cat([x, cb, mids, torch.nextafter(mids, torch.full_like(mids, 2.0)),
+                   torch.nextafter(mids, torch.full_like(mids, -2.0)), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    x = x.clamp(-1.0, 1.0)
+    if not signed:
+        x = x.abs()
+    want = torch.bucketize(x, mids).to(torch.uint8)
+    assert torch.equal(table_codes(x, *code_table("dynamic", signed)), want)
+    assert torch.equal(nearest_codes(x, "dynamic", signed), want)
+    assert code_table("linear", signed) is None
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_a_non_finite_entry_decodes_its_block_non_finite_and_leaves_other_blocks(bad):
     x = torch.linspace(-1, 1, 12).reshape(2, 6)
