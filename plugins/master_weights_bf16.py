@@ -37,6 +37,7 @@ from slimtrain.registry.method import ParamSpec
 NAME = "master_weights_bf16"
 KEY = "master_correction"
 LEVELS = 127  # int8 codes in [-127, 127]
+CHUNK = 1 << 20  # elements restored / split at a time (bounds the temporaries)
 MANTISSA_BITS = 7  # bf16's stored mantissa bits
 
 
@@ -83,14 +84,29 @@ class Bf16Correction(MasterWeights):
     def restore(self, local_param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         from slimtrain.registry.tensors import local_tensor
 
-        return restore(local_param, local_tensor(state[KEY]))
+        q = local_tensor(state[KEY])
+        if not (local_param.is_contiguous() and q.is_contiguous()):
+            return restore(local_param, q)
+        out = torch.empty(local_param.shape, dtype=torch.float32, device=local_param.device)
+        flat, fq, fo = local_param.view(-1), q.view(-1), out.view(-1)
+        for a in range(0, flat.numel(), CHUNK):  # chunks: the same elementwise result, fewer temporaries
+            fo[a:a + CHUNK] = restore(flat[a:a + CHUNK], fq[a:a + CHUNK])
+        return out
 
     def store(self, local_param: torch.Tensor, master: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         from slimtrain.registry.tensors import local_tensor
 
-        stored, q = split(master)
-        local_param.copy_(stored)
-        local_tensor(state[KEY]).copy_(q)
+        q = local_tensor(state[KEY])
+        if not (local_param.is_contiguous() and q.is_contiguous() and master.is_contiguous()):
+            stored, codes = split(master)
+            local_param.copy_(stored)
+            q.copy_(codes)
+            return
+        flat, fq, fm = local_param.view(-1), q.view(-1), master.view(-1)
+        for a in range(0, flat.numel(), CHUNK):
+            stored, codes = split(fm[a:a + CHUNK])
+            flat[a:a + CHUNK] = stored
+            fq[a:a + CHUNK] = codes
 
     def stored_bytes(self, spec: ParamSpec) -> int:
         """One int8 correction per element; the scale is implied by the bf16 exponent (0 bytes)."""
@@ -98,9 +114,9 @@ class Bf16Correction(MasterWeights):
 
     def coding_bytes(self, spec: ParamSpec) -> int:
         """The fp32 master copy and the fp32 gradient (8 bytes per element), and splitting or
-        restoring's temporaries: the widened bf16, the half ulp, the int32 exponent and the quotient
-        (16 bytes per element at most alive at once)."""
-        return 24 * spec.numel
+        restoring's temporaries, ``CHUNK`` elements at a time: the widened bf16, the frexp mantissa and
+        int32 exponent, the half ulp and the quotient (at most 20 bytes per element alive at once)."""
+        return 8 * spec.numel + 20 * min(spec.numel, CHUNK)
 
 
 class MasterWeightsBf16(Method):

@@ -237,3 +237,16 @@ def test_parameters_not_in_the_storage_dtype_are_refused_at_install():
     opt = comp.build_optimizer(comp.param_groups(model), HYPER)  # store_parameters skipped
     with pytest.raises(CompositionError, match="store_parameters"):
         comp.install_memory_layers(opt)
+
+
+def test_chunked_restore_and_split_equal_the_whole_tensor(monkeypatch):
+    from slimtrain.plugins import master_weights_bf16 as mw
+
+    w = torch.randn(5, 13, generator=torch.Generator().manual_seed(2))
+    stored, q = split(w)
+    layer = mw.Bf16Correction()
+    monkeypatch.setattr(mw, "CHUNK", 7)
+    assert torch.equal(layer.restore(stored, {KEY: q}), restore(stored, q))
+    p, state = torch.empty_like(stored), {KEY: torch.empty_like(q)}
+    layer.store(p, w, state)
+    assert torch.equal(p, stored) and torch.equal(state[KEY], q)
