@@ -17,9 +17,12 @@ Decoupled weight decay ``W <- W (1 - lr wd)`` before the update, except on 1-D p
 (the package exempts names containing "norm", "ln" or "bias": on the LLaMA models here those are
 exactly the norms).
 
-``head_dim`` comes from this section today, checked before training to divide the rows of every
-``head_targets`` weight. The model description (heads, head size) that another change adds to the
-plugin contract would replace it: ``AdamMiniRule.head_dim_of(spec)`` is the one place that reads it.
+The head size comes from the model description (``method.model``,
+``slimtrain.registry.model_description``: hidden size / heads, inferred from torchtitan's model args
+or a Hugging Face config, or given to ``slimtrain.prepare``); the section's ``head_dim`` is an
+override, refused when it disagrees with a described head size, and needed only where no description
+reached the method (a bare module, hand-built tests). Checked before training to divide the rows of
+every ``head_targets`` weight. ``AdamMiniRule.head_dim_of(spec)`` is the one place that reads it.
 
 FSDP2: ``m`` and the per-row ``v`` are row-sharded like the weight (no communication); a per-head
 ``v`` is replicated: each rank sums its rows' ``G^2`` into a vector of all m rows (zeros elsewhere),
@@ -44,13 +47,15 @@ from slimtrain.registry.update_rule import OnReset, RuleParam, StateSpec, StepIn
 
 @dataclasses.dataclass(frozen=True)
 class AdamMiniConfig:
-    head_dim: int = 64  # rows per attention head of wq / wk (dim / n_heads: 64 from 60m to 1b, 128 at 7b)
+    head_dim: int | None = None  # rows per attention head of wq / wk; None: the model description's
+    #                              dim / n_heads (set: an override, refused if it disagrees with the description)
     head_targets: tuple[str, ...] = ("wq", "wk")  # one v per head (the package's wqk_names)
     targets: tuple[str, ...] = ("*",)  # every trainable parameter, as the package
     roles: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
-        check_range("adam_mini", "head_dim", self.head_dim, low=1)
+        if self.head_dim is not None:
+            check_range("adam_mini", "head_dim", self.head_dim, low=1)
         if not self.targets:
             raise ConfigError("[adam_mini] targets = () is empty; use ('*',) for every parameter")
         if not self.roles:
@@ -62,14 +67,32 @@ class AdamMiniRule(UpdateRule):
 
     needs_matrix = False
 
-    def __init__(self, method: str, *, head_dim: int, head_targets):
+    def __init__(self, method: str, *, head_dim: int | None, head_targets, model=lambda: None):
         self.method = method
-        self._head_dim = int(head_dim)
+        self._head_dim = None if head_dim is None else int(head_dim)
         self.head_targets = tuple(head_targets)
+        self._model = model  # () -> the ModelDescription handed to the method (method.model), or None
 
     def head_dim_of(self, spec: ParamSpec) -> int:
-        """Rows per head of ``spec``: the section's ``head_dim`` (the model description plugs in here)."""
-        return self._head_dim
+        """Rows per head of ``spec``: the model description's hidden size / heads; the section's
+        ``head_dim`` where none is described, and refused where it disagrees with it."""
+        desc = self._model()
+        described = desc.head_dim if desc is not None else None
+        if self._head_dim is not None and described is not None and self._head_dim != described:
+            raise ConfigError(
+                f"[{self.method}] head_dim = {self._head_dim} disagrees with the model's head size {described} "
+                f"(hidden size {desc.hidden_size} / {desc.num_heads} heads, from the {desc.source}): drop the key "
+                f"(the description's is used) or set it to {described}"
+            )
+        if self._head_dim is not None:
+            return self._head_dim
+        if described is None:
+            raise ConfigError(
+                f"[{self.method}] head_dim is not set and the model's head size is unknown "
+                f"({'no model description' if desc is None else 'its description from the ' + desc.source + ' lacks hidden size or heads'}); "
+                f"set [{self.method}] head_dim = dim / n_heads, or pass description=ModelDescription(...) to slimtrain.prepare"
+            )
+        return described
 
     def kind(self, spec: ParamSpec) -> str:
         if spec.role == "bias":
@@ -179,7 +202,7 @@ class AdamMini(Method):
 
     def update_rule(self) -> AdamMiniRule:
         c = self.config
-        return AdamMiniRule(self.name, head_dim=c.head_dim, head_targets=c.head_targets)
+        return AdamMiniRule(self.name, head_dim=c.head_dim, head_targets=c.head_targets, model=lambda: self.model)
 
 
 @hookimpl

@@ -26,6 +26,11 @@ rule must see the same hyperparameters and the same true step.
   no served state are still stepped together (foreach batching). A codec with ``fused_step`` (8-bit
   state) may instead step a parameter itself when its rule declares ``elementwise_update``: decode,
   update and encode in one compiled kernel, the state never decoded in full.
+* A ``MasterWeights`` layer (``install_master``: compressed master weights) stores the parameters in
+  a low-precision dtype plus state of its own; every parameter is then stepped on its own: the
+  layer restores its master-precision weight, the rule updates that copy with the gradient cast to
+  the master dtype (state declared without a dtype is kept in the master dtype), the layer splits
+  the result back into the stored parameter and its state.
 """
 
 from __future__ import annotations
@@ -82,12 +87,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return local_tensor(t)
 
 
-def make_state_tensor(param: torch.Tensor, decl: StateSpec) -> torch.Tensor:
+def make_state_tensor(param: torch.Tensor, decl: StateSpec, default_dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh state tensor for ``param`` from its declaration (plain, or a DTensor under FSDP2:
-    ``rows`` sharded like the parameter's rows, ``replicate`` identical on every rank)."""
+    ``rows`` sharded like the parameter's rows, ``replicate`` identical on every rank);
+    ``default_dtype`` (else the parameter's) for a declaration without a dtype."""
     from slimtrain.registry.tensors import is_dtensor
 
-    dtype = decl.dtype or param.dtype
+    dtype = decl.dtype or default_dtype or param.dtype
     local_param = _local(param)
     if decl.shape == ():
         device = torch.device("cpu") if decl.host else local_param.device
@@ -128,6 +134,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.rules = dict(rules)
         self.codec = codec
+        self.master = None  # a MasterWeights layer (install_master)
         self.specs: dict[torch.Tensor, ParamSpec] = {}
         self.declared: dict[torch.Tensor, list[StateSpec]] = {}
         self._checked: set[tuple[str, bool]] = set()
@@ -155,10 +162,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _has_coded_state(self, p: torch.Tensor) -> bool:
         return self.codec is not None and any(self.codec.serves(d) for d in self.declared[p])
 
+    def declared_dtype(self, p: torch.Tensor, decl: StateSpec) -> torch.dtype:
+        """The dtype the rule sees ``decl`` in: its own, else the master weights' (with a
+        master-weights layer), else the parameter's."""
+        return decl.dtype or (self.master.master_dtype if self.master is not None else p.dtype)
+
     def _create_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
         for decl in self.declared[p]:
-            value = make_state_tensor(p, decl)
+            value = make_state_tensor(p, decl, self.declared_dtype(p, decl))
             if self.coded(decl):
                 self.codec.encode(decl, value, state)
             else:
@@ -167,18 +179,18 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _view(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state a rule sees: stored tensors, moments decoded when a codec is installed."""
         state = self.state[p]
-        if self.codec is None:
+        if self.codec is None and self.master is None:
             return state
         view = {}
         for decl in self.declared[p]:
             if self.coded(decl):
-                view[decl.name] = self.codec.decode(decl, state, decl.dtype or p.dtype)
+                view[decl.name] = self.codec.decode(decl, state, self.declared_dtype(p, decl))
             else:
                 view[decl.name] = state[decl.name]
         return view
 
     def _store(self, p: torch.Tensor, view: dict[str, torch.Tensor]) -> None:
-        if self.codec is None:
+        if self.codec is None and self.master is None:
             return
         state = self.state[p]
         for decl in self.declared[p]:
@@ -187,10 +199,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
             else:
                 state[decl.name] = view[decl.name]
 
-    def _check_declared(self, rule_name: str, items: list[RuleParam]) -> None:
-        """After a rule's first step: it kept exactly the state it declared, in shape and dtype."""
-        for item in items:
-            decls = {d.name: d for d in self.declared[item.param]}
+    def _check_declared(self, rule_name: str, items: list[RuleParam], params: list[torch.Tensor] | None = None) -> None:
+        """After a rule's first step: it kept exactly the state it declared, in shape and dtype
+        (``params``: the stored parameters, where the items carry master copies)."""
+        for i, item in enumerate(items):
+            p = item.param if params is None else params[i]
+            decls = {d.name: d for d in self.declared[p]}
             extra = sorted(set(item.state) - set(decls))
             if extra:
                 raise CompositionError(
@@ -204,7 +218,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                         f"[{rule_name}] declares state {name!r} for {item.name} but left "
                         f"{type(value).__name__} there (state must stay the declared tensor)"
                     )
-                dtype = decl.dtype or item.param.dtype
+                dtype = self.declared_dtype(p, decl)
                 if tuple(value.shape) != decl.shape or value.dtype != dtype:
                     raise CompositionError(
                         f"[{rule_name}] state {name!r} of {item.name}: declared shape {decl.shape} dtype "
@@ -229,6 +243,35 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     n += 1
         self.codec = codec
         return n
+
+    def install_master(self, master) -> int:
+        """Store the parameters through ``master`` (a ``MasterWeights``) from now on: check each is in
+        its ``storage_dtype`` (the trainer stored them so before sharding; ``store_parameters``),
+        keep state declared without a dtype in its ``master_dtype`` and create its state per
+        parameter. Installed before a state codec. Returns how many parameters it serves."""
+        if self.master is not None:
+            raise CompositionError("the optimizer already has master weights; a composition has at most one such layer")
+        if self.codec is not None:
+            raise CompositionError("install the master weights before the state codec (Composition.install_memory_layers)")
+        for p, decls in self.declared.items():
+            if p.dtype != master.storage_dtype:
+                raise CompositionError(
+                    f"{self.specs[p].name} is stored as {p.dtype}, the master-weights layer expects "
+                    f"{master.storage_dtype}: store the model's parameters with store_parameters before "
+                    f"building the optimizer"
+                )
+            state = self.state[p]
+            clash = sorted(set(master.stored_keys()) & {d.name for d in decls})
+            if clash:
+                raise CompositionError(
+                    f"the master-weights layer's state {clash[0]!r} of {self.specs[p].name} is also declared by its rule"
+                )
+            for decl in decls:
+                if decl.dtype is None:
+                    state[decl.name] = state[decl.name].to(master.master_dtype)
+            master.init_state(p, state)
+        self.master = master
+        return len(self.declared)
 
     # -- the true step --------------------------------------------------------------------------
     @property
@@ -257,6 +300,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
             step=self.global_step + 1, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
+        if self.master is not None:
+            for pi, p in together + alone:
+                self._step_master(name, rule, gi, pi, p, info)
+            return
         # coded state: one parameter decoded at a time, re-encoded before the next is decoded; or,
         # where the codec fuses and the rule declares an elementwise update, never decoded at all
         fuse = getattr(self.codec, "fused_step", None)
@@ -278,6 +325,30 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 self._check_declared(name, items)
                 self._checked.add(key)
             items = item = None  # the decoded copies go before the next parameter is decoded
+
+    def _step_master(self, name: str, rule: UpdateRule, gi: int, pi: int, p: torch.Tensor, info: StepInfo) -> None:
+        """One parameter through the master-weights layer (module docstring): restore, step, store."""
+        from slimtrain.registry.tensors import is_dtensor
+
+        master, spec, state = self.master, self.specs[p], self.state[p]
+        local = _local(p)
+        work = master.restore(local, state)
+        grad = p.grad.to(master.master_dtype)
+        if is_dtensor(p):
+            from torch.distributed.tensor import DTensor
+
+            work = DTensor.from_local(work, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+        fuse = getattr(self.codec, "fused_step", None)
+        update = rule.elementwise_update(spec) if fuse is not None and self._has_coded_state(p) else None
+        if update is None or not fuse(update, self.declared[p], RuleParam(spec.name, spec, work, grad, state, pi, gi), info):
+            item = RuleParam(spec.name, spec, work, grad, self._view(p), pi, gi)
+            rule.step([item], info)
+            self._store(p, item.state)
+            if (name, True) not in self._checked:
+                self._check_declared(name, [item], [p])
+                self._checked.add((name, True))
+            item = None
+        master.store(local, _local(work), state)
 
     @torch.no_grad()
     def step_params(self, params: Iterable[torch.Tensor]) -> None:
@@ -337,6 +408,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 if not isinstance(value, torch.Tensor):
                     continue
                 self.state[p][key] = self._placed(p, decl, key, value)
+            for key in self.master.stored_keys() if self.master is not None else ():
+                value, fresh = values.get(key), self.state[p].get(key)
+                if isinstance(value, torch.Tensor) and isinstance(fresh, torch.Tensor):
+                    # the layer's own storage keeps its own dtype (torch's loader cast it to the parameter's)
+                    self.state[p][key] = value.detach().to(device=_local(fresh).device, dtype=value.dtype)
 
     def _stored_decls(self, p: torch.Tensor) -> dict[str, StateSpec]:
         out = {}
@@ -351,7 +427,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if self.coded(decl) and key != decl.name:
             dtype = value.dtype  # codec-owned storage keeps its own dtypes
         else:
-            dtype = decl.dtype or p.dtype
+            dtype = self.declared_dtype(p, decl)
         if decl.shape == () and decl.host:
             return value.detach().to(device="cpu", dtype=dtype).clone()
         device = _local(fresh).device if isinstance(fresh, torch.Tensor) else _local(p).device

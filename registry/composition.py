@@ -133,6 +133,24 @@ class Composition:
         """The codec every composed optimizer stores its state through (``None``: as declared)."""
         return self.codec_method.state_codec() if self.codec_method is not None else None
 
+    @property
+    def master_method(self) -> Method | None:
+        """The MASTER_WEIGHTS method (at most one: ``compose`` checks), if any."""
+        return next(iter(self.with_capability(Capability.MASTER_WEIGHTS)), None)
+
+    def master_weights(self):
+        """How the parameters are stored between steps (a ``MasterWeights``; ``None``: as they are)."""
+        return self.master_method.master_weights() if self.master_method is not None else None
+
+    def store_parameters(self, model) -> int:
+        """Give the model's floating-point parameters the master-weights layer's storage dtype (where
+        the trainer sets the parameters' storage: the meta model before sharding, or after the init;
+        refuses non-floating-point parameters, naming the method). Without such a layer: nothing."""
+        from slimtrain.registry.master_weights import store_parameters
+
+        master = self.master_weights()
+        return 0 if master is None else store_parameters(model, master, self.master_method.name)
+
     def check_trainer(self, settings: TrainerSettings) -> None:
         """Every method's ``check_trainer`` (trainer settings it cannot honour), before the model."""
         for m in self.methods:
@@ -142,6 +160,9 @@ class Composition:
         """Put the memory layers on one composed optimizer: the codec its state is stored through,
         then the stepper that decides when it steps (returned; ``None`` without one). Every trainer
         (torchtitan's builder, ``slimtrain.prepare``, the HF adapter) installs them through this."""
+        master = self.master_weights()
+        if master is not None:
+            optimizer.install_master(master)
         codec = self.state_codec()
         if codec is not None:
             optimizer.install_codec(codec)
@@ -459,10 +480,21 @@ def _check_memory_layers(methods: list[Method]) -> None:
     for cap, what in (
         (Capability.STATE_CODEC, "both store the optimizer state (one state codec per composition)"),
         (Capability.STEPPER, "both want to own when the optimizer step happens (one stepper per composition)"),
+        (Capability.MASTER_WEIGHTS, "both store the parameters (one master-weights layer per composition)"),
     ):
         layers = [m.name for m in methods if cap in m.provides]
         if len(layers) > 1:
             raise CompositionError(f"{layers[0]!r} and {layers[1]!r} {what}; keep one of them in methods")
+    from slimtrain.registry.method import writes_weights_outside_step
+
+    for master in (m for m in methods if Capability.MASTER_WEIGHTS in m.provides):
+        for m in methods:
+            if m is not master and writes_weights_outside_step(m):
+                raise ConfigError(
+                    f"[{master.name}] methods = {[x.name for x in methods]!r} includes {m.name!r}, whose step hook "
+                    f"writes the parameters outside the optimizer step; {master.name} keeps state that must match "
+                    f"each stored parameter (it restores the master weight from both); drop one of them from methods"
+                )
     layers = [m for m in methods if m.provides & {Capability.STATE_CODEC, Capability.STEPPER}]
     for layer in layers:
         for m in methods:

@@ -8,7 +8,10 @@ Conventions (the paper's, extended):
   SLTrain's int64 support index and other buffers are the methods' own ``extra_bytes``;
 * optimizer state is what each parameter's own update rule declares (the composition's routing
   plan); with a state codec (a ``Capability.STATE_CODEC`` method, e.g. 8-bit state) every
-  declaration it ``serves`` costs the codec's own ``stored_bytes``, the rest full precision;
+  declaration it ``serves`` costs the codec's own ``stored_bytes``, the rest full precision; a
+  master-weights layer (``Capability.MASTER_WEIGHTS``, e.g. bf16 + 8-bit correction) adds its own
+  ``stored_bytes`` per trainable parameter (the correction) to the optimizer state; the weights stay at
+  ``bytes_per_element`` (the paper counts bf16 weights and no fp32 master copy);
 * gradients: one per trainable element, or with a stepper that steps in backward
   (``Method.steps_in_backward``, e.g. per-layer updates) only the largest trainable parameter's
   (each gradient is freed by its update before the next is produced). With gradient accumulation
@@ -117,12 +120,14 @@ def _state_bytes(decl, codec, bytes_per_element: int) -> int:
 
 
 def optimizer_state_bytes(composition, specs: Iterable[ParamSpec], *, bytes_per_element: int = 2) -> int:
-    """Declared state of every trainable parameter's own rule, as the state codec (if any) stores it."""
+    """Declared state of every trainable parameter's own rule, as the state codec (if any) stores it,
+    plus a master-weights layer's own state per trainable parameter."""
     codec = composition.state_codec()
+    master = composition.master_weights()
     return sum(
         _state_bytes(decl, codec, bytes_per_element)
         for rule, group in _rules(composition, specs) for spec in group for decl in rule.state_specs(spec)
-    )
+    ) + sum(master.stored_bytes(spec) for _, group in _rules(composition, specs) for spec in group if master)
 
 
 def gradient_bytes(
@@ -146,11 +151,20 @@ def _rule_temporaries(rule, group: list[ParamSpec]) -> int:
     return 2 * max(s.numel for s in group)
 
 
-def step_workspace_bytes(rule, group: list[ParamSpec], *, codec, bytes_per_element: int) -> int:
+def step_workspace_bytes(rule, group: list[ParamSpec], *, codec, bytes_per_element: int, master=None) -> int:
     """Bytes one step of ``rule`` over ``group`` allocates and frees: the parameters without coded
-    state stepped together, each one with coded state on its own (module docstring)."""
+    state stepped together, each one with coded state on its own (module docstring); with a
+    master-weights layer every parameter on its own, plus the layer's ``coding_bytes`` (its master
+    copy, the cast gradient and the split's temporaries)."""
     bpe = bytes_per_element
     together, most = [], 0
+    if master is not None:
+        for spec in group:
+            coded = [d for d in rule.state_specs(spec) if codec is not None and codec.serves(d)]
+            decoded = sum(d.numel for d in coded) * bpe
+            coding = max((codec.coding_bytes(d, bpe) for d in coded), default=0)
+            most = max(most, decoded + max(_rule_temporaries(rule, [spec]) * bpe, coding) + master.coding_bytes(spec))
+        return most
     for spec in group:
         coded = [d for d in rule.state_specs(spec) if codec is not None and codec.serves(d)]
         if not coded:
@@ -249,6 +263,7 @@ def peak_phases(
     through backward; a stepper that steps in backward frees each after the last micro-batch's step."""
     bpe = bytes_per_element
     codec = composition.state_codec()
+    master = composition.master_weights()
     per_layer = composition.steps_in_backward
     rules = _rules(composition, specs)
     kept = s.kept(ac)
@@ -267,7 +282,7 @@ def peak_phases(
     if per_layer:
         for rule, group in rules:
             for spec in group:
-                workspace[spec.name] = step_workspace_bytes(rule, [spec], codec=codec, bytes_per_element=bpe)
+                workspace[spec.name] = step_workspace_bytes(rule, [spec], codec=codec, bytes_per_element=bpe, master=master)
                 alone[spec.name] = spec.numel * bpe + workspace[spec.name]
 
     accumulated = 0  # gradients kept between micro-batches (accumulation buffers), alive through backward
@@ -298,7 +313,8 @@ def peak_phases(
             phases[f"step {EMBEDDING}"] = alone[EMBEDDING]
     else:
         phases["step"] = gradient_bytes(composition, specs, bytes_per_element=bpe) + max(
-            (step_workspace_bytes(rule, group, codec=codec, bytes_per_element=bpe) for rule, group in rules), default=0
+            (step_workspace_bytes(rule, group, codec=codec, bytes_per_element=bpe, master=master) for rule, group in rules),
+            default=0
         )
     return phases
 

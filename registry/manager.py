@@ -42,6 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slimtrain.plugins.adam_mini",
     "slimtrain.plugins.state_8bit",
     "slimtrain.plugins.per_layer_updates",
+    "slimtrain.plugins.master_weights_bf16",
 )
 
 _lock = threading.RLock()

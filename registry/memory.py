@@ -76,11 +76,12 @@ def estimate_memory(composition, dense: Iterable[ParamSpec], *, bytes_per_elemen
 
 def _stored_state_bytes(composition, specs: list[ParamSpec], bytes_per_element: int) -> int | None:
     """With a state codec (``Capability.STATE_CODEC``) the declarations it serves cost its own
-    ``stored_bytes``: the same count as ``slimtrain memory --device`` (slimtrain.registry.device_memory),
-    so both tables agree."""
+    ``stored_bytes``, and a master-weights layer (``Capability.MASTER_WEIGHTS``) adds its own state per
+    trainable parameter (``MasterWeights.stored_bytes``: the correction of compressed master weights):
+    the same count as ``slimtrain memory --device`` (slimtrain.registry.device_memory), so both tables agree."""
     from slimtrain.registry.device_memory import optimizer_state_bytes
 
-    if composition.codec_method is None:
+    if composition.codec_method is None and composition.master_method is None:
         return None
     return optimizer_state_bytes(composition, specs, bytes_per_element=bytes_per_element)
 

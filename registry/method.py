@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from slimtrain.registry.composed_optimizer import StateCodec
+    from slimtrain.registry.master_weights import MasterWeights
     from slimtrain.registry.model_description import ModelDescription
     from slimtrain.registry.parametrization import LinearParametrization
     from slimtrain.registry.update_rule import UpdateRule
@@ -39,13 +40,17 @@ class Capability(str, enum.Enum):
     LR_SCHEDULE = "lr_schedule"  # multiplies the scheduled learning rate (lr_factor)
     STATE_CODEC = "state_codec"  # a memory layer: stores declared optimizer state its own way (state_codec)
     STEPPER = "stepper"  # a memory layer: decides WHEN the composed optimizer steps (attach_stepper)
+    MASTER_WEIGHTS = "master_weights"  # a memory layer: stores the parameters in a low-precision dtype plus
+    #                                    what restores the full-precision master weight (master_weights)
     MEMORY_ESTIMATE = "memory_estimate"  # derived: declared exactly by PARAMETRIZATION/OPTIMIZER methods,
     #                                      whose param_specs / rule state the analytic estimate reads
 
 
 class HookStage(enum.IntEnum):
     """Order of step hooks within one step: weights are rewritten before optimizer state is reset,
-    so a reset that follows a merge or refactorization sees the new factors."""
+    so a reset that follows a merge or refactorization sees the new factors. A step hook at the
+    ``WEIGHTS`` stage writes parameters outside the optimizer step (``writes_weights_outside_step``):
+    a master-weights layer, whose stored correction must match the stored weight, refuses it."""
 
     WEIGHTS = 10
     OPTIMIZER_STATE = 20
@@ -233,6 +238,14 @@ class Method:
         the step). At most one method of a composition provides it."""
         raise NotImplementedError(f"{self.name} declares no stepper")
 
+    def master_weights(self) -> MasterWeights:
+        """How the trainable parameters are stored between steps (``MasterWeights``: the storage
+        dtype the trainer gives every floating-point parameter before the model is materialized,
+        the optimizer state it keeps per trainable parameter, how it restores the full-precision
+        master weight a rule updates and splits the result back; the memory models read its bytes).
+        At most one method of a composition provides it; it composes with a state codec and a stepper."""
+        raise NotImplementedError(f"{self.name} declares no master weights")
+
     def check_trainer(self, settings: TrainerSettings) -> None:
         """Refuse trainer settings this method cannot honour (any method may implement it; called
         before the model is built). Raise ``ConfigError`` naming the method, the key and the value."""
@@ -263,9 +276,16 @@ CAPABILITY_HOOKS: dict[Capability, str] = {
     Capability.LR_SCHEDULE: "lr_factor",
     Capability.STATE_CODEC: "state_codec",
     Capability.STEPPER: "attach_stepper",
+    Capability.MASTER_WEIGHTS: "master_weights",
 }
 #: hooks of the earlier optimizer contract, replaced by ``update_rule``
 RETIRED_HOOKS = ("build_optimizer", "state_elements")
+
+
+def writes_weights_outside_step(method: Method) -> bool:
+    """Whether ``method`` writes parameters outside the optimizer step: a step hook at the
+    ``HookStage.WEIGHTS`` stage (merges, refactorizations). A master-weights layer refuses it."""
+    return Capability.STEP_HOOK in method.provides and method.hook_stage is HookStage.WEIGHTS
 
 
 def capability_problems(cls: type[Method]) -> list[str]:

@@ -137,4 +137,8 @@ def rank_optimizer_bytes(composition, specs: list[ParamSpec], degrees: Degrees, 
                 if decl.layout == "rows":
                     b /= degrees.dp_shard * (degrees.tp if len(decl.shape) >= 2 else 1)
                 total += b
+    master = composition.master_weights()  # a master-weights layer's state: placed like its parameter
+    for _, group in _rules(composition, specs) if master is not None else ():
+        for spec in group:
+            total += master.stored_bytes(spec) / (degrees.dp_shard * (degrees.tp if len(spec.shape) >= 2 else 1))
     return int(total)

@@ -94,6 +94,11 @@ def check_model(model: nn.Module, composition: Composition) -> None:
         )
     if any(True for _ in iter_parametrized(model)):
         raise ConfigError(f"the model ({type(model).__name__}) is already parametrized by slimtrain: prepare it once")
+    master = composition.master_weights()
+    if master is not None:  # a master-weights layer stores every parameter: refuse non-floating ones first
+        from slimtrain.registry.master_weights import check_parameters
+
+        check_parameters(model, master, composition.master_method.name)
     linear_names = [fqn for fqn, _ in linears]
     module_names = [fqn for fqn, _ in model.named_modules() if fqn]
     for m in composition.methods:
@@ -122,8 +127,9 @@ def parametrize_model(model: nn.Module, composition: Composition, description: M
 def build_optimizer(model: nn.Module, composition: Composition, hyper: OptimizerHyper,
                     settings: TrainerSettings | None = None):
     """The composed optimizer over ``model`` with the composition's memory layers, through the method
-    contract as the torchtitan builder installs them (a STATE_CODEC method's codec; a STEPPER method's
-    stepper, attached with the trainer's ``settings``). Returns (optimizer, stepper or None)."""
+    contract as the torchtitan builder installs them (a MASTER_WEIGHTS method's layer, on parameters
+    already stored in its dtype: ``composition.store_parameters``; a STATE_CODEC method's codec; a
+    STEPPER method's stepper, attached with the trainer's ``settings``). Returns (optimizer, stepper or None)."""
     groups = composition.param_groups(model)
     if not groups:
         raise ConfigError("the composition left no trainable parameters in the model")
@@ -170,5 +176,6 @@ def prepare(
     fqns = parametrize_model(model, composition, description)
     if initialize:
         composition.init_parametrized(model)
+    composition.store_parameters(model)  # a master-weights layer's storage dtype (values rounded)
     optimizer, stepper = build_optimizer(model, composition, hyper, trainer)
     return Prepared(model, optimizer, composition, composition.model, fqns, hyper, stepper)

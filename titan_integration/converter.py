@@ -16,6 +16,10 @@ time structure may change (the checkpointer caches the state-dict keys once, lat
   ``init_weights`` writes ``linear.weight`` with trunc_normal_, which under a parametrization goes
   to a temporary and is silently lost; the factors must be initialized afterwards, in place (they
   are sharded DTensors by then).
+- ``convert`` also gives the parameters a master-weights layer's storage dtype
+  (``Composition.store_parameters``, e.g. bf16): here, on the meta device before fully_shard, is
+  where the model's parameters get their storage dtype, so FSDP2 shards and gathers that dtype, the
+  init writes it and the gradients arrive in it.
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ class SlimtrainConverter:
             desc = dataclasses.replace(desc, vocab_size=embeddings.num_embeddings)
         fqns = parametrize_model(model, comp, desc)
         context.current().parametrized = list(fqns)
+        stored = comp.store_parameters(model)  # a master-weights layer's storage dtype, before sharding
+        if stored:
+            log.info("slimtrain: %s stores %d parameters as %s", comp.master_method.name, stored,
+                     comp.master_weights().storage_dtype)
         if fqns:
             log.info("slimtrain: parametrized %d Linear weights (e.g. %s)", len(fqns), fqns[0])
             _wrap_init_weights(model, comp)

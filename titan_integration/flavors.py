@@ -60,7 +60,7 @@ _SIZE_SETTINGS: dict[str, dict[str, dict[str, float]]] = {
     "130m": {"sltrain": {"alpha": 16.0}},
     "350m": {"sltrain": {"alpha": 16.0}},
     "1b": {"sltrain": {"alpha": 8.0}, "fira": {"scale": 0.0625}, "scale": {"lr_ratio": 0.2}},
-    "7b": {"scale": {"lr_ratio": 0.1}, "adam_mini": {"head_dim": 128}},
+    "7b": {"scale": {"lr_ratio": 0.1}},  # adam_mini's head size: the model description (dim / n_heads)
 }
 # Settings that stay put at every size although the method has a ``rank`` key (the flavor's rank
 # would otherwise be applied): APOLLO-Mini is rank 1 by definition.

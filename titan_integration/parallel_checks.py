@@ -132,11 +132,12 @@ def check_composition(deg: dict[str, int], composition) -> None:
                 f"row-wise TP shards wo/w2's columns; it would take column-block collectives (or a gather of "
                 f"each matrix over the TP group) in the rule. Use --parallelism.tensor_parallel_degree 1"
             )
-    layer_methods = [m.name for m in (composition.codec_method, composition.stepper_method) if m is not None]
+    layers = (composition.codec_method, composition.stepper_method, composition.master_method)
+    layer_methods = [m.name for m in layers if m is not None]
     if layer_methods:
         raise ConfigError(
             f"tensor parallelism (parallelism.tensor_parallel_degree = {tp}) is not supported with {', '.join(layer_methods)} yet: "
-            f"memory layers (state codecs, steppers) are tested on FSDP2 and HSDP row shards only"
+            f"memory layers (state codecs, steppers, master weights) are tested on FSDP2 and HSDP row shards only"
         )
 
 

@@ -97,9 +97,11 @@ def check_run_length(job_config: Any) -> None:
 def check_shapes(composition, model_args: Any) -> None:
     """Every per-layer check of ``composition`` on the flavor's shapes (raises ConfigError naming
     the method, the layer and its shape)."""
-    from slimtrain.titan_integration.flavors import ffn_hidden_dim
+    from slimtrain.titan_integration.flavors import describe, ffn_hidden_dim
 
     a = model_args
+    if composition.model is None:  # the converter describes the built model later; the checks need it now
+        composition.describe_model(describe(a))
     dense = llama_dense_specs(a.dim, ffn_hidden_dim(a), a.n_layers, a.vocab_size, a.n_heads, a.n_kv_heads)
     check_targets(composition, dense)
     specs, _ = transformed_specs(composition, dense)  # make_parametrization on every targeted shape

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from slimtrain.registry import compose, get_methods, llama_dense_specs
+from slimtrain.registry import ModelDescription, compose, get_methods, llama_dense_specs
 from slimtrain.registry.config import config_defaults
 
 from slimtrain.bench.recipes import available_recipes, load_recipe
@@ -50,7 +50,11 @@ def recipe_composition(recipe_name: str, flavor: str, rank: int | None = None):
         for method in paper:
             if "rank" in paper[method]:
                 sections.setdefault(method, {})["rank"] = rank
-    return recipe, compose(recipe.methods, sections), paper, from_toml
+    comp = compose(recipe.methods, sections)
+    shape = PAPER_SHAPES[flavor]  # the methods read the model's sizes (e.g. Adam-mini's head size)
+    comp.describe_model(ModelDescription(hidden_size=shape.dim, num_heads=shape.n_heads, num_layers=shape.n_layers,
+                                         vocab_size=PAPER_VOCAB, source="flavor"))
+    return recipe, comp, paper, from_toml
 
 
 def memory_row(recipe_name: str, flavor: str, rank: int | None = None) -> dict:

@@ -36,7 +36,7 @@ RECIPE_OVERRIDES: dict[str, list[str]] = {
     "sltrain_apollo_mini": ["--sltrain.rank", "8", "--apollo_mini.update_proj_gap", "2"],
     "sinkgd": ["--slimtrain.methods", "sinkgd,momentum_reset", "--momentum_reset.every", "2"],
     "stable_spam": ["--stable_spam.total_T", "6", "--momentum_reset.every", "2"],
-    "adam_mini": ["--adam_mini.head_dim", "16", "--slimtrain.methods", "adam_mini,momentum_reset",
+    "adam_mini": ["--slimtrain.methods", "adam_mini,momentum_reset",
                   "--momentum_reset.every", "2"],
 }
 

@@ -63,11 +63,12 @@ def test_valid_meshes_resolve_the_shard_degree():
          r"tensor_parallel_degree = 2\) is not supported with \[galore\]: its update rule works on whole rows"),
         (["muon"], dict(tensor_parallel_degree=2), 4, r"not supported with \[muon\]"),
         (["adamw", "state_8bit"], dict(tensor_parallel_degree=2), 4, r"not supported with state_8bit"),
+        (["adamw", "master_weights_bf16"], dict(tensor_parallel_degree=2), 4, r"not supported with master_weights_bf16"),
         (["low_rank"], dict(pipeline_parallel_degree=2), 4,
          r"parallelism\.pipeline_parallel_degree = 2 is not supported with a weight-parametrizing method \(low_rank\)"),
     ],
     ids=["product", "replicate-divides", "zero", "tp-heads", "tp-divisors", "tp-sltrain", "tp-lora", "tp-galore",
-         "tp-muon", "tp-8bit", "pp-low-rank"],
+         "tp-muon", "tp-8bit", "tp-master-weights", "pp-low-rank"],
 )
 def test_bad_parallelism_is_refused(methods, degrees, world, expected):
     from slimtrain.registry import ConfigError

@@ -45,10 +45,20 @@ def test_adam_mini_is_about_half_of_adamw_state_and_sinkgd_below_both():
     assert memory_row("sinkgd", "1b")["total_gb"] < memory_row("adam_mini", "1b")["total_gb"]
 
 
-def test_adam_mini_takes_the_7b_head_size_from_the_size_table():
-    """7B has heads of 128: the memory row uses head_dim 128 there (titan_integration/flavors.py)."""
+def test_adam_mini_takes_the_7b_head_size_from_the_model_description():
+    """7B has heads of 128 (4096 / 32): the memory row reads it from the model description, not from a
+    hand-set key; one v per head of wq and wk: 2 x 32 per layer, not 2 x 64 (heads of 64)."""
+    from slimtrain.registry import ModelDescription, compose, llama_dense_specs
+
     row = memory_row("adam_mini", "7b")
-    assert row["settings"] == {"adam_mini.head_dim": 128}
+    assert row["settings"] == {}  # no size-dependent key: the description carries the head size
+    dense = llama_dense_specs(4096, 11008, 32, 32000, 32)
+    by_key = {}
+    for hd in (128, 64):
+        comp = compose(["adam_mini"], {"adam_mini": {"head_dim": hd}})
+        by_key[hd] = comp.estimate_memory(dense).optimizer_bytes
+    assert by_key[128] != by_key[64]
+    assert row["optimizer_gb"] * 1e9 == by_key[128]
 
 
 def test_sltrain_with_sinkgd_on_its_factors_is_below_scale_at_1b():

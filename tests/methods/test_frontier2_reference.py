@@ -399,3 +399,40 @@ def test_sinkgd_refuses_non_matrix_parameters():
     comp = compose(["sinkgd"], {"sinkgd": {"targets": ["wq"], "roles": ["weight", "bias"]}})
     with pytest.raises(ConfigError, match=r"\[sinkgd\] selects wq.bias with shape \(16,\).*needs a matrix"):
         comp.param_groups(Biased())
+
+
+def _adam_mini_wq_vmean_rows(sections, description):
+    from slimtrain.registry import ModelDescription  # noqa: F401
+
+    comp = compose(["adam_mini"], sections)
+    if description is not None:
+        comp.describe_model(description)
+    spec = next(s for s in llama_specs_for_heads() if s.name == "layers.0.attention.wq.weight")
+    return comp.rule_for(spec).state_specs(spec)[-1].shape[0]
+
+
+def llama_specs_for_heads():
+    from slimtrain.registry import llama_dense_specs
+
+    return llama_dense_specs(32, 64, 1, 50, 4)  # 4 heads of 8
+
+
+def test_adam_mini_reads_the_head_size_from_the_model_description():
+    from slimtrain.registry import ModelDescription
+
+    desc = ModelDescription(hidden_size=32, num_heads=4, num_layers=1, vocab_size=50)
+    assert _adam_mini_wq_vmean_rows({}, desc) == 4  # one v per head: 32 rows / heads of 8
+    assert _adam_mini_wq_vmean_rows({"adam_mini": {"head_dim": 8}}, desc) == 4  # an agreeing key: fine
+    assert _adam_mini_wq_vmean_rows({"adam_mini": {"head_dim": 4}}, None) == 8  # no description: the key
+    two = ModelDescription(hidden_size=32, num_heads=2, num_layers=1, vocab_size=50)
+    assert _adam_mini_wq_vmean_rows({}, two) == 2  # heads of 16: the description decides
+
+
+def test_adam_mini_head_dim_disagreeing_with_the_description_is_refused():
+    from slimtrain.registry import ModelDescription
+
+    desc = ModelDescription(hidden_size=32, num_heads=4, num_layers=1, vocab_size=50)
+    with pytest.raises(ConfigError, match=r"\[adam_mini\] head_dim = 16 disagrees with the model's head size 8"):
+        _adam_mini_wq_vmean_rows({"adam_mini": {"head_dim": 16}}, desc)
+    with pytest.raises(ConfigError, match=r"\[adam_mini\] head_dim is not set and the model's head size is unknown"):
+        _adam_mini_wq_vmean_rows({}, None)
