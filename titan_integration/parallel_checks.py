@@ -15,8 +15,10 @@ What runs on which mesh (tested in tests/integration/test_parallel_meshes.py):
   the shard dimension's group, so whole-matrix math runs once per matrix per replica group.
 * Tensor parallelism (torchtitan's Llama plan: column-wise wq/wk/wv/w1/w3 and the output head,
   row-wise wo/w2 and the embedding, sequence-parallel norms): parameters sharded on their rows AND
-  (row-wise Linear) on their columns. Only rules that are elementwise on any shard
-  (``UpdateRule.any_placement``: AdamW) run; no parametrizing method (see ``_TP_PARAMETRIZATION``).
+  (row-wise Linear) on their columns. Every update rule runs: elementwise ones
+  (``UpdateRule.any_placement``: AdamW) on the TP shards, the others on the parameter's row view
+  (``slimtrain.registry.sharded.row_view``: gathered over TP, FSDP2's rows kept). No parametrizing
+  method yet (see ``_TP_PARAMETRIZATION``).
 * Pipeline parallelism with a parametrizing method: refused (the converter does not wrap PP's parts).
 """
 
@@ -123,15 +125,8 @@ def check_composition(deg: dict[str, int], composition) -> None:
             f"method(s) {', '.join(parametrizing)}: {_TP_PARAMETRIZATION}. Use "
             f"--parallelism.tensor_parallel_degree 1 (FSDP2/HSDP run every recipe)"
         )
-    for method in composition.optimizer_methods:
-        rule = method.update_rule()
-        if not getattr(rule, "any_placement", False):
-            raise ConfigError(
-                f"tensor parallelism (parallelism.tensor_parallel_degree = {tp}) is not supported with [{method.name}]: its update "
-                f"rule works on whole rows (slimtrain.registry.sharded.RowShards: FSDP2 / HSDP row shards), and "
-                f"row-wise TP shards wo/w2's columns; it would take column-block collectives (or a gather of "
-                f"each matrix over the TP group) in the rule. Use --parallelism.tensor_parallel_degree 1"
-            )
+    # every update rule runs: elementwise ones (any_placement) on the TP shards, the others on their
+    # row view (slimtrain.registry.sharded.row_view: gathered over TP, FSDP2's rows kept)
     layer_methods = [m.name for m in (composition.codec_method, composition.stepper_method) if m is not None]
     if layer_methods:
         raise ConfigError(

@@ -40,6 +40,9 @@ def test_valid_meshes_resolve_the_shard_degree():
                  data_parallel_shard_degree=2)["data_parallel_shard_degree"] == 2
     assert check(["adamw"], tensor_parallel_degree=2)["data_parallel_shard_degree"] == 2
     assert check(["adamw", "momentum_reset"], tensor_parallel_degree=2, data_parallel_shard_degree=2)
+    # every update rule runs under TP (row-based ones on their row view)
+    for rule in ("galore", "fira", "apollo", "apollo_mini", "muon", "scale", "sinkgd", "adam_mini", "stable_spam"):
+        assert check([rule], {"galore": {"rank": 8}} if rule == "galore" else {}, tensor_parallel_degree=2)
 
 
 @pytest.mark.parametrize(
@@ -59,15 +62,11 @@ def test_valid_meshes_resolve_the_shard_degree():
          r"tensor parallelism \(parallelism\.tensor_parallel_degree = 2\) is not supported with the "
          r"weight-parametrizing method\(s\) sltrain: .*B on the output dimension"),
         (["lora"], dict(tensor_parallel_degree=2), 4, r"parametrizing method\(s\) lora"),
-        (["galore"], dict(tensor_parallel_degree=2), 4,
-         r"tensor_parallel_degree = 2\) is not supported with \[galore\]: its update rule works on whole rows"),
-        (["muon"], dict(tensor_parallel_degree=2), 4, r"not supported with \[muon\]"),
         (["adamw", "state_8bit"], dict(tensor_parallel_degree=2), 4, r"not supported with state_8bit"),
         (["low_rank"], dict(pipeline_parallel_degree=2), 4,
          r"parallelism\.pipeline_parallel_degree = 2 is not supported with a weight-parametrizing method \(low_rank\)"),
     ],
-    ids=["product", "replicate-divides", "zero", "tp-heads", "tp-divisors", "tp-sltrain", "tp-lora", "tp-galore",
-         "tp-muon", "tp-8bit", "pp-low-rank"],
+    ids=["product", "replicate-divides", "zero", "tp-heads", "tp-divisors", "tp-sltrain", "tp-lora", "tp-8bit", "pp-low-rank"],
 )
 def test_bad_parallelism_is_refused(methods, degrees, world, expected):
     from slimtrain.registry import ConfigError
