@@ -36,11 +36,11 @@ DEGREE_KEYS = (
 
 #: what a parametrizing method would need to run under tensor parallelism (the refusal says it)
 _TP_PARAMETRIZATION = (
-    "torchtitan's TP plan shards nn.Linear weights, and a parametrized weight is not a parameter it "
-    "can shard (its factors live under `.parametrizations.weight`); supporting it would take a TP plan "
-    "that shards the factors themselves (B on the output dimension for column-wise wq/wk/wv/w1/w3, A on "
-    "the input dimension for row-wise wo/w2, the other factor replicated, plus a sparse part sharded "
-    "with its index)"
+    "its parametrization declares no `tp_dims` (slimtrain.registry.parametrization.LinearParametrization: "
+    "how each original follows the column- and row-wise plan; low_rank and lora do: B with W's rows, A "
+    "with its columns, LoRA's W0 like W) and its forward would have to compute on DTensor originals. "
+    "For SLTrain that takes its sparse values and their flat row-major index split by TP block "
+    "(indices local to each shard) and its fused autograd function made DTensor-aware"
 )
 
 
@@ -119,10 +119,12 @@ def check_composition(deg: dict[str, int], composition) -> None:
         )
     if tp == 1:
         return
-    if parametrizing:
+    unplanned = [m.name for m in composition.with_capability(Capability.PARAMETRIZATION)
+                 if not getattr(m, "tensor_parallel", False)]
+    if unplanned:
         raise ConfigError(
             f"tensor parallelism (parallelism.tensor_parallel_degree = {tp}) is not supported with the weight-parametrizing "
-            f"method(s) {', '.join(parametrizing)}: {_TP_PARAMETRIZATION}. Use "
+            f"method(s) {', '.join(unplanned)}: {_TP_PARAMETRIZATION}. Use "
             f"--parallelism.tensor_parallel_degree 1 (FSDP2/HSDP run every recipe)"
         )
     # every update rule runs: elementwise ones (any_placement) on the TP shards, the others on their

@@ -57,6 +57,15 @@ _FRONTIER2 = {
 TP_RECIPES = {
     **{f"{k}_tp": RECIPES[k] for k in ("adamw", "galore_svd", "galore", "fira", "apollo", "apollo_mini", "muon", "scale")},
     **{f"{k}_tp": v for k, v in _FRONTIER2.items()},
+    # parametrized methods: factors sharded by the TP plan (titan_integration/tensor_parallel.py)
+    "low_rank_tp": RECIPES["low_rank"],
+    "relora_tp": (["lora", "lora_merge", "momentum_reset"],
+                  {"lora": {"rank": 4}, "lora_merge": {"every": 3}, **RESET}),
+    "low_rank_apollo_mini_tp": (
+        ["low_rank", "apollo_mini", "momentum_reset"],
+        {"low_rank": {"rank": 4, "alpha": 8.0}, "apollo_mini": {"roles": ["B", "A"], "update_proj_gap": 2, "scale": 4.0},
+         **RESET},
+    ),
 }
 TP = 2
 
@@ -120,6 +129,7 @@ def run_recipe(name: str, rank: int, world: int, shard: bool, counters) -> dict[
     out["_losses"] = torch.stack(losses)
     out["_comm_bytes_per_step"] = torch.tensor(0 if comm is None else comm.bytes / STEPS)
     out["_whole_matrix_calls"] = torch.tensor(whole.calls)
+    out["_placements"] = {k: str(tuple(v.placements)) for k, v in model.named_parameters() if hasattr(v, "placements")}
     if comm is not None:
         comm.bytes = 0
     return out
@@ -159,7 +169,8 @@ def runs(tmp_path_factory):
 TOL = {"adamw": 4e-4, "low_rank": 1e-4, "sltrain_apollo_mini": 1e-5}
 DEFAULT_TOL = 4e-6
 #: FSDP2 x TP 2 vs unsharded (same measurement; see test_tensor_parallel_matches_unsharded)
-TP_TOL = {"adamw_tp": 4e-4, "stable_spam_tp": 4e-5}
+TP_TOL = {"adamw_tp": 4e-4, "stable_spam_tp": 4e-5, "low_rank_tp": 1e-4, "relora_tp": 4e-5,
+          "low_rank_apollo_mini_tp": 1e-5}
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -199,6 +210,18 @@ def test_tensor_parallel_matches_unsharded(runs, recipe):
             assert torch.allclose(got[key].float(), want.float(), rtol=tol, atol=tol), (
                 key, (got[key] - want).abs().max())
     print(f"\n{recipe}: largest |FSDP2 x TP2 - unsharded| = {worst:.2e}")
+    placed = runs["hsdp"][0][recipe]["_placements"]
+    for name, placements in placed.items():
+        # the TP plan shards factors too: B (original "B") with W's rows under column-wise wq / w1,
+        # A with W's columns under row-wise wo / w2; the other factor replicated over TP
+        if name.endswith("wq.parametrizations.weight.original0") and recipe.startswith("low_rank"):
+            assert placements == "(_StridedShard(dim=0, sf=2), Shard(dim=0))", (name, placements)
+        if name.endswith("wo.parametrizations.weight.original1") and recipe.startswith("low_rank"):
+            assert placements == "(Shard(dim=0), Shard(dim=1))", (name, placements)
+        if name.endswith("wo.parametrizations.weight.original0") and recipe.startswith("low_rank"):
+            assert placements == "(Shard(dim=0), Replicate())", (name, placements)
+    if recipe.startswith("low_rank"):
+        assert any(n.endswith("wo.parametrizations.weight.original1") for n in placed), sorted(placed)
     # ranks 2k and 2k+1 are one data-parallel rank: the mean over the 2 data-parallel ranks
     dp_losses = torch.stack([r[recipe]["_losses"] for r in runs["hsdp"][::TP]]).mean(0)
     assert torch.allclose(dp_losses, ref["_losses"], rtol=1e-5, atol=1e-6)
