@@ -2,10 +2,11 @@
 training command, nano flavor, 4 CPU ranks (gloo): the default-run counterpart of the every-recipe
 matrix in test_parallel_meshes.py (slow).
 
-One recipe with three rules (MIXED: GaLore on wq / wo: rows + replicated state, randomized refresh
-inside the window; Muon on w1 / w2: Newton-Schulz on one owner rank per matrix; APOLLO-Mini on wk /
-w3: all-reduced norms; momentum resets; AdamW on the rest, on the TP shards), one 2-rank and one
-4-rank launch:
+One recipe with three rules and a factorization (MIXED: GaLore on wq / wo: rows + replicated state,
+randomized refresh inside the window; Muon on w1: Newton-Schulz on one owner rank per matrix;
+APOLLO-Mini on wk / w3: all-reduced norms; low_rank on wv / w2 with refactorizations, its factors
+sharded by the TP plan (titan_integration/tensor_parallel.py); momentum resets; AdamW on the rest,
+on the TP shards), one 2-rank and one 4-rank launch:
 
 * FSDP2 over 2 ranks trains STEPS steps and writes its step-HALF checkpoint;
 * FSDP 2 x TP 2 loads that checkpoint (model, optimizer and data position: both meshes have 2
@@ -27,10 +28,12 @@ from .helpers import RECIPE_OVERRIDES, offline_args, read_log, run_many
 pytestmark = pytest.mark.integration
 
 STEPS, HALF = 4, 2
-#: one recipe, three row-based rules on column- AND row-wise TP weights (wq / w1 / wk column-wise,
-#: wo / w2 row-wise), the rest AdamW on the TP shards
-MIXED = ["--slimtrain.methods", "galore,muon,apollo_mini,momentum_reset", "--momentum_reset.every", "2",
-         "--galore.targets", "wq,wo", "--muon.targets", "w1,w2", "--apollo_mini.targets", "wk,w3"]
+#: one recipe, three row-based rules and a factorization on column- AND row-wise TP weights (wq / wk /
+#: wv / w1 / w3 column-wise, wo / w2 row-wise), the rest (and the factors) AdamW on the TP shards
+MIXED = ["--slimtrain.methods", "galore,muon,apollo_mini,low_rank,refactorization,momentum_reset",
+         "--momentum_reset.every", "2", "--refactorization.every", "2",
+         "--galore.targets", "wq,wo", "--muon.targets", "w1", "--apollo_mini.targets", "wk,w3",
+         "--low_rank.targets", "wv,w2", "--low_rank.rank", "8"]
 RULES = ["mixed"]
 RECIPES = {"mixed": ("galore", [*RECIPE_OVERRIDES["galore"], *MIXED, *RECIPE_OVERRIDES["apollo_mini"]])}
 FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
