@@ -135,6 +135,25 @@ def run_recipe(name: str, rank: int, world: int, shard: bool, counters) -> dict[
     return out
 
 
+def count_row_views(comm) -> None:
+    """Add to ``comm`` the row views' payload under TP: the local size of each row view the optimizer
+    builds (a TP weight and its gradient redistributed to Shard(0) on FSDP's dim, Replicate on TP:
+    slimtrain.registry.sharded.row_view). The write-back is not counted (a local slice for row-wise
+    weights; a reshuffle of rows within the data-parallel group for column-wise ones)."""
+    from slimtrain.registry import sharded
+
+    orig = sharded.row_view
+
+    def row_view(t):
+        out = orig(t)
+        if comm.active and out is not t:
+            local = out.to_local()
+            comm.bytes += local.numel() * local.element_size()
+        return out
+
+    sharded.row_view = row_view
+
+
 def worker() -> None:
     import torch.distributed as dist
 
@@ -145,6 +164,8 @@ def worker() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     counters = (CommCounter() if shard else None, SvdCounter())
+    if shard:
+        count_row_views(counters[0])
     try:
         results = {name: run_recipe(name, rank, world, shard, counters) for name in (*RECIPES, *TP_RECIPES)}
         torch.save(results, out_dir / f"rank{rank}.pt")
@@ -252,6 +273,20 @@ def test_hsdp_communication_per_rank_per_step(runs):
     assert got["muon"] == 2 * 4 * hidden
 
 
+def test_tp_communication_per_rank_per_step(runs):
+    """What the optimizer moves inside opt.step per rank per step under FSDP 2 x TP 2 (printed for
+    the docs): AdamW nothing (it steps the TP shards); a row-based rule its FSDP2 collectives over the
+    data-parallel group of 2 plus its row views (each TP weight and its gradient, ``rows / dp x cols``
+    each). SCALE's: its column all-reduce (4 d bytes) plus every hidden matrix's two row views."""
+    got = {name: runs["hsdp"][0][name]["_comm_bytes_per_step"].item() for name in TP_RECIPES}
+    print("\nFSDP2 x TP2 optimizer bytes per rank per step:", got)
+    d, layers, ffn = TINY["dim"], TINY["n_layers"], 96
+    hidden = layers * (4 * d * d + 3 * ffn * d)
+    assert got["adamw_tp"] == 0
+    dp = 4 // TP
+    assert got["scale_tp"] == 4 * d + 2 * 4 * hidden / dp
+
+
 @pytest.mark.parametrize("recipe", ["adamw", "galore", "muon", "sltrain_apollo_mini"])
 def test_rank_memory_model_matches_the_shards(runs, recipe):
     """slimtrain memory's per-rank model (registry/parallel_memory.py) at dp_shard 2 x dp_replicate 2
@@ -273,6 +308,27 @@ def test_rank_memory_model_matches_the_shards(runs, recipe):
         assert m.weights == pytest.approx(int(got["_local_param_bytes"]), rel=0.01)
         assert m.optimizer == pytest.approx(int(got["_local_state_bytes"]), rel=0.01)
     assert m.weights == pytest.approx(one.weights / 2, rel=1e-6) and m.local_batch == 1
+
+
+@pytest.mark.parametrize("recipe", ["adamw_tp", "galore_tp", "muon_tp", "apollo_tp"])
+def test_rank_memory_model_under_tp(runs, recipe):
+    """The per-rank model at dp_shard 2 x tp 2 gives what each FSDP2 x TP 2 rank holds (fp32), within
+    1%: weights divided by 4 (norms by 2), AdamW's rows state by 4 (on the TP shards), a row-based
+    rule's rows state by 2 (kept in the row view's layout, replicated over TP)."""
+    from slimtrain.registry import compose, llama_dense_specs
+    from slimtrain.registry.parallel_memory import Degrees, rank_memory
+
+    methods, sections = TP_RECIPES[recipe]
+    d = TINY
+    ffn = 96
+    kw = dict(dim=d["dim"], ffn=ffn, layers=d["n_layers"], heads=d["n_heads"], vocab=d["vocab_size"], seq_len=12,
+              bytes_per_element=4)
+    dense = llama_dense_specs(d["dim"], ffn, d["n_layers"], d["vocab_size"], d["n_heads"])
+    m = rank_memory(compose(methods, sections), dense, degrees=Degrees(dp_shard=2, tp=TP), batch=4, **kw)
+    for rank_result in runs["hsdp"]:
+        got = rank_result[recipe]
+        assert m.weights == pytest.approx(int(got["_local_param_bytes"]), rel=0.01)
+        assert m.optimizer == pytest.approx(int(got["_local_state_bytes"]), rel=0.01)
 
 
 if __name__ == "__main__":
