@@ -17,8 +17,10 @@ What runs on which mesh (tested in tests/integration/test_parallel_meshes.py):
   row-wise wo/w2 and the embedding, sequence-parallel norms): parameters sharded on their rows AND
   (row-wise Linear) on their columns. Every update rule runs: elementwise ones
   (``UpdateRule.any_placement``: AdamW) on the TP shards, the others on the parameter's row view
-  (``slimtrain.registry.sharded.row_view``: gathered over TP, FSDP2's rows kept). No parametrizing
-  method yet (see ``_TP_PARAMETRIZATION``).
+  (``slimtrain.registry.sharded.row_view``: gathered over TP, FSDP2's rows kept). Parametrizing
+  methods whose parametrizations declare ``tp_dims`` (``Method.tensor_parallel``: low_rank, lora)
+  have their factors sharded by the plan (titan_integration/tensor_parallel.py); the others
+  (SLTrain) are refused (``_TP_PARAMETRIZATION``).
 * Pipeline parallelism with a parametrizing method: refused (the converter does not wrap PP's parts).
 """
 

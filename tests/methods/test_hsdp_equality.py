@@ -277,14 +277,16 @@ def test_tp_communication_per_rank_per_step(runs):
     """What the optimizer moves inside opt.step per rank per step under FSDP 2 x TP 2 (printed for
     the docs): AdamW nothing (it steps the TP shards); a row-based rule its FSDP2 collectives over the
     data-parallel group of 2 plus its row views (each TP weight and its gradient, ``rows / dp x cols``
-    each). SCALE's: its column all-reduce (4 d bytes) plus every hidden matrix's two row views."""
+    each). SCALE's: its column all-reduce (4 d bytes) plus two row views of every matrix it updates."""
     got = {name: runs["hsdp"][0][name]["_comm_bytes_per_step"].item() for name in TP_RECIPES}
     print("\nFSDP2 x TP2 optimizer bytes per rank per step:", got)
     d, layers, ffn = TINY["dim"], TINY["n_layers"], 96
     hidden = layers * (4 * d * d + 3 * ffn * d)
     assert got["adamw_tp"] == 0
     dp = 4 // TP
-    assert got["scale_tp"] == 4 * d + 2 * 4 * hidden / dp
+    # SCALE also updates the embedding and the output head (vocab x d each, both TP-sharded)
+    assert got["scale_tp"] == 4 * d + 2 * 4 * (hidden + 2 * TINY["vocab_size"] * d) / dp
+    assert got["low_rank_tp"] == 0  # AdamW on the factors' TP shards
 
 
 @pytest.mark.parametrize("recipe", ["adamw", "galore", "muon", "sltrain_apollo_mini"])
