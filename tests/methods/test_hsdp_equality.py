@@ -57,6 +57,9 @@ _FRONTIER2 = {
 TP_RECIPES = {
     **{f"{k}_tp": RECIPES[k] for k in ("adamw", "galore_svd", "galore", "fira", "apollo", "apollo_mini", "muon", "scale")},
     **{f"{k}_tp": v for k, v in _FRONTIER2.items()},
+    # 8-bit state: GaLore's moments (row view) and AdamW's on the TP shards (embedding, norms, output)
+    "state_8bit_tp": RECIPES["state_8bit"],
+    "adamw_8bit_tp": (["adamw", "state_8bit"], {"state_8bit": {"block_size": 16}}),
     # parametrized methods: factors sharded by the TP plan (titan_integration/tensor_parallel.py)
     "low_rank_tp": RECIPES["low_rank"],
     "relora_tp": (["lora", "lora_merge", "momentum_reset"],
@@ -191,7 +194,7 @@ TOL = {"adamw": 4e-4, "low_rank": 1e-4, "sltrain_apollo_mini": 1e-5}
 DEFAULT_TOL = 4e-6
 #: FSDP2 x TP 2 vs unsharded (same measurement; see test_tensor_parallel_matches_unsharded)
 TP_TOL = {"adamw_tp": 4e-4, "stable_spam_tp": 4e-5, "low_rank_tp": 1e-4, "relora_tp": 4e-5,
-          "low_rank_apollo_mini_tp": 1e-5}
+          "low_rank_apollo_mini_tp": 1e-5, "adamw_8bit_tp": 4e-4}
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
