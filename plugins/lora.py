@@ -33,6 +33,7 @@ def kaiming_a(shape: tuple[int, int], generator: torch.Generator) -> torch.Tenso
 class LoRAParametrization(FactorizedParametrization):
     roles = ("W0", "B", "A")
     frozen_roles = frozenset({"W0"})
+    tp_dims = {"W0": (0, 1), "B": (0, None), "A": (None, 1)}  # W0 like W, B its rows, A its columns
 
     def __init__(self, out_features: int, in_features: int, rank: int, scale: float, seed: int):
         super().__init__(NAME, out_features, in_features)
@@ -85,6 +86,7 @@ class LoRAConfig:
 class LoRA(Method):
     name = NAME
     summary = "W = W0 + (alpha/r) B A, W0 frozen from the model's own init (ReLoRA with lora_merge)"
+    tensor_parallel = True  # W0 sharded like W, B with its rows, A with its columns
     Config = LoRAConfig
     provides = frozenset(
         {Capability.PARAMETRIZATION, Capability.FACTORIZED, Capability.FROZEN_BASE, Capability.MEMORY_ESTIMATE}

@@ -59,6 +59,7 @@ def throwaway_weight(like: torch.Tensor, out_features: int, in_features: int) ->
 
 class LowRankParametrization(FactorizedParametrization):
     roles = ("B", "A")
+    tp_dims = {"B": (0, None), "A": (None, 1)}  # B follows W's rows, A its columns
 
     def __init__(self, out_features: int, in_features: int, rank: int, scale: float, init: str, init_std: float, seed: int):
         super().__init__(NAME, out_features, in_features)
@@ -126,6 +127,7 @@ class LowRankConfig:
 class LowRank(Method):
     name = NAME
     summary = "W = (alpha/r) B A trained from scratch; computes x A^T B^T, never W"
+    tensor_parallel = True  # B sharded with W's rows (column-wise TP), A with its columns (row-wise)
     Config = LowRankConfig
     provides = frozenset({Capability.PARAMETRIZATION, Capability.FACTORIZED, Capability.MEMORY_ESTIMATE})
 

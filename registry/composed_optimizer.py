@@ -87,10 +87,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return local_tensor(t)
 
 
-def make_state_tensor(param: torch.Tensor, decl: StateSpec, default_dtype: torch.dtype | None = None) -> torch.Tensor:
+def make_state_tensor(param: torch.Tensor, decl: StateSpec, default_dtype: torch.dtype | None = None, *,
+                      row_view: bool = False) -> torch.Tensor:
     """A fresh state tensor for ``param`` from its declaration (plain, or a DTensor under FSDP2:
     ``rows`` sharded like the parameter's rows, ``replicate`` identical on every rank);
-    ``default_dtype`` (else the parameter's) for a declaration without a dtype."""
+    ``default_dtype`` (else the parameter's) for a declaration without a dtype. ``row_view``:
+    ``rows`` state in the layout a row-based rule sees the parameter in (tensor parallelism:
+    ``slimtrain.registry.sharded.row_placements``)."""
     from slimtrain.registry.tensors import is_dtensor
 
     dtype = decl.dtype or default_dtype or param.dtype
@@ -107,6 +110,10 @@ def make_state_tensor(param: torch.Tensor, decl: StateSpec, default_dtype: torch
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         placements = param.placements
+        if row_view:
+            from slimtrain.registry.sharded import row_placements
+
+            placements = row_placements(placements)
         local_shape, _ = compute_local_shape_and_global_offset(decl.shape, mesh, placements)
         local = torch.full(local_shape, decl.init_value, dtype=dtype, device=local_param.device)
         stride = tuple(int(torch.empty(decl.shape, device="meta").stride(i)) for i in range(len(decl.shape)))
@@ -137,6 +144,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.master = None  # a MasterWeights layer (install_master)
         self.specs: dict[torch.Tensor, ParamSpec] = {}
         self.declared: dict[torch.Tensor, list[StateSpec]] = {}
+        self._rule_of: dict[torch.Tensor, str] = {}
         self._checked: set[tuple[str, bool]] = set()
         for group in self.param_groups:
             name = group.get("rule")
@@ -151,6 +159,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     raise CompositionError(f"[{name}] a parameter of shape {tuple(p.shape)} has no spec (name)")
                 rule.check(spec)
                 self.specs[p] = spec
+                self._rule_of[p] = name
                 self.declared[p] = list(rule.state_specs(spec))
                 self._create_state(p)
 
@@ -170,11 +179,27 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _create_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
         for decl in self.declared[p]:
-            value = make_state_tensor(p, decl, self.declared_dtype(p, decl))
+            value = make_state_tensor(p, decl, self.declared_dtype(p, decl), row_view=self._row_based(p))
             if self.coded(decl):
                 self.codec.encode(decl, value, state)
             else:
                 state[decl.name] = value
+
+    def _row_based(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s rule sees it through its row view (a rule not elementwise on any shard,
+        ``p`` sharded by tensor parallelism: slimtrain.registry.sharded)."""
+        from slimtrain.registry.sharded import needs_row_view
+
+        rule = self.rules[self._rule_of[p]]
+        return not getattr(rule, "any_placement", False) and needs_row_view(p)
+
+    def _item(self, p: torch.Tensor, pi: int, gi: int, state: dict[str, torch.Tensor]) -> RuleParam:
+        spec = self.specs[p]
+        if self._row_based(p):
+            from slimtrain.registry.sharded import row_view
+
+            return RuleParam(spec.name, spec, row_view(p.detach()), row_view(p.grad), state, pi, gi)
+        return RuleParam(spec.name, spec, p, p.grad, state, pi, gi)
 
     def _view(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state a rule sees: stored tensors, moments decoded when a codec is installed."""
@@ -201,7 +226,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def _check_declared(self, rule_name: str, items: list[RuleParam], params: list[torch.Tensor] | None = None) -> None:
         """After a rule's first step: it kept exactly the state it declared, in shape and dtype
-        (``params``: the stored parameters, where the items carry master copies)."""
+        (``params``: the stored parameters, where the items carry master copies or row views)."""
         for i, item in enumerate(items):
             p = item.param if params is None else params[i]
             decls = {d.name: d for d in self.declared[p]}
@@ -312,17 +337,21 @@ class ComposedOptimizer(torch.optim.Optimizer):
             for pi, p in alone:
                 update = rule.elementwise_update(self.specs[p])
                 item = RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self.state[p], pi, gi)
-                if update is None or not fuse(update, self.declared[p], item, info):
+                if update is None or self._row_based(p) or not fuse(update, self.declared[p], item, info):
                     unfused.append((pi, p))
             alone = unfused
         for batch in ([together] if together else []) + [[x] for x in alone]:
-            items = [RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self._view(p), pi, gi) for pi, p in batch]
+            items = [self._item(p, pi, gi, self._view(p)) for pi, p in batch]
             rule.step(items, info)
-            for item in items:
-                self._store(item.param, item.state)
+            for item, (_, p) in zip(items, batch):
+                if item.param is not p:
+                    from slimtrain.registry.sharded import write_back
+
+                    write_back(item.param, p)
+                self._store(p, item.state)
             key = (name, batch is not together)
             if key not in self._checked:
-                self._check_declared(name, items)
+                self._check_declared(name, items, [p for _, p in batch])
                 self._checked.add(key)
             items = item = None  # the decoded copies go before the next parameter is decoded
 

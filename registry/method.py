@@ -143,6 +143,9 @@ class Method:
     #: STEPPER methods: whether the stepper steps each parameter inside backward as its gradient is
     #: ready and frees it (the memory models then count one parameter's gradient and step at a time)
     steps_in_backward: ClassVar[bool] = False
+    #: PARAMETRIZATION methods: whether its parametrizations declare ``tp_dims`` (how each original
+    #: follows a tensor-parallel plan); without it tensor parallelism is refused before the model
+    tensor_parallel: ClassVar[bool] = False
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()

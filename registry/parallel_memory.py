@@ -11,7 +11,9 @@ every activation. The division, per category (``dp_shard``, ``dp_replicate``, ``
   embedding / output head over TP ranks), every 1-D parameter's (norms) by ``dp_shard`` (TP
   replicates norms). Gradients follow their parameter's division (the weights' fraction per rank);
   optimizer state follows each declaration's ``StateSpec.layout``: ``rows`` state is divided like
-  its parameter, ``replicate`` state (GaLore's projection and left-side moments, APOLLO's
+  its parameter (under TP only for rules elementwise on any shard, ``UpdateRule.any_placement``;
+  the others keep it in the row view's layout, divided by ``dp_shard`` only; the row view's
+  transient copies of a parameter and its gradient during the step are not counted), ``replicate`` state (GaLore's projection and left-side moments, APOLLO's
   projections) is whole on every rank. ``dp_replicate`` divides none of these: each replica group
   holds a whole sharded copy;
 * activations: computed by the one-device model at the LOCAL batch, ``batch / (dp_shard x
@@ -127,7 +129,7 @@ def rank_memory(
 
 def rank_optimizer_bytes(composition, specs: list[ParamSpec], degrees: Degrees, bytes_per_element: int) -> int:
     """Each rule's declared state on one rank: ``rows`` state divided like its parameter (2-D by
-    dp_shard x tp, 1-D by dp_shard), ``replicate`` state whole."""
+    dp_shard x tp for an any_placement rule, else by dp_shard; 1-D by dp_shard), ``replicate`` state whole."""
     codec = composition.state_codec()  # the memory layer's own bytes (StateCodec.stored_bytes)
     total = 0.0
     for rule, group in _rules(composition, specs):
@@ -135,7 +137,10 @@ def rank_optimizer_bytes(composition, specs: list[ParamSpec], degrees: Degrees, 
             for decl in rule.state_specs(spec):
                 b = _state_bytes(decl, codec, bytes_per_element)
                 if decl.layout == "rows":
-                    b /= degrees.dp_shard * (degrees.tp if len(decl.shape) >= 2 else 1)
+                    # a rule that is not elementwise on any shard keeps a TP weight's rows state in
+                    # the row view's layout (slimtrain.registry.sharded.row_view): divided by dp_shard only
+                    tp_divides = len(decl.shape) >= 2 and getattr(rule, "any_placement", False)
+                    b /= degrees.dp_shard * (degrees.tp if tp_divides else 1)
                 total += b
     master = composition.master_weights()  # a master-weights layer's state: placed like its parameter
     for _, group in _rules(composition, specs) if master is not None else ():

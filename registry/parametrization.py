@@ -51,6 +51,13 @@ class LinearParametrization(nn.Module):
 
     roles: ClassVar[tuple[str, ...]] = ()
     frozen_roles: ClassVar[frozenset[str]] = frozenset()  # originals that do not train (LoRA's W0)
+    #: tensor parallelism: role -> (the original's dimension that follows W's OUTPUT dimension, the
+    #: one that follows W's INPUT dimension), None where none does. A column-wise plan shards W's
+    #: rows, so each original is sharded on its first entry (replicated where None); a row-wise plan
+    #: shards W's columns: the second entry. E.g. low-rank ``B`` (m x r): (0, None), ``A`` (r x n):
+    #: (None, 1). Empty: the parametrization cannot follow a TP plan (its Method keeps
+    #: ``tensor_parallel = False``). The forward must then compute with DTensor originals.
+    tp_dims: ClassVar[dict[str, tuple[int | None, int | None]]] = {}
 
     def __init__(self, method: str, out_features: int, in_features: int) -> None:
         super().__init__()

@@ -13,6 +13,19 @@ and sharded alike:
 * ``allreduce``: sums a per-shard product, e.g. ``G^T X = sum_k G_k^T X_k`` (n x l, small);
 * ``gather_rows``: the full m x k matrix whose rows are spread like G's (for thin matrices only);
 * ``my_rows``: this rank's rows of a replicated m x k matrix.
+
+Tensor parallelism shards a weight twice: column-wise Linears ``(_StridedShard(0), Shard(0))`` (FSDP2's
+rows inside TP's rows), row-wise Linears ``(Shard(0), Shard(1))`` (TP shards the COLUMNS). A rule
+that is not elementwise on any shard (``UpdateRule.any_placement`` False) sees such a parameter
+through its *row view* (``row_view``): the same DTensor redistributed to ``row_placements`` --
+``Shard(0)`` on the first mesh dimension that shards its rows (FSDP2's), ``Replicate()`` on the others
+(TP's) -- so its math is FSDP2's over the data-parallel group, with whole rows. The TP ranks of one
+data-parallel rank hold the same row view and compute the same result (their collectives run in their
+own data-parallel groups); ``write_back`` redistributes the updated view into the parameter's own
+layout. Cost per rank per step: the gradient and the parameter gathered over TP (``(tp - 1) / tp``
+of the row view each), plus the write-back's reshuffle of column-wise rows; the rule's ``rows`` state
+is kept in the row view's layout (``ComposedOptimizer`` creates it so), i.e. divided by the
+data-parallel degree only.
 """
 
 from __future__ import annotations
@@ -33,6 +46,49 @@ def row_shard_mesh_dim(placements) -> int | None:
     return None
 
 
+def _shards_rows(p) -> bool:
+    """``Shard(0)`` or FSDP2's ``_StridedShard(0)`` (rows inside TP's rows)."""
+    return not p.is_replicate() and not p.is_partial() and getattr(p, "dim", None) == 0
+
+
+def row_placements(placements) -> tuple:
+    """The layout a row-based rule works in (see the module docstring): ``Shard(0)`` on the first mesh
+    dimension that shards rows, ``Replicate()`` on every other; all ``Replicate()`` when none does
+    (a weight only TP shards, on its columns)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    out, found = [], False
+    for p in placements:
+        if not found and _shards_rows(p):
+            out.append(Shard(0))
+            found = True
+        else:
+            out.append(Replicate())
+    return tuple(out)
+
+
+def needs_row_view(t: torch.Tensor) -> bool:
+    """Whether a row-based rule must see ``t`` through ``row_view`` (a DTensor not in row layout)."""
+    from slimtrain.registry.tensors import is_dtensor
+
+    return is_dtensor(t) and tuple(t.placements) != row_placements(t.placements)
+
+
+def row_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` redistributed to ``row_placements`` (``t`` itself when it already is in row layout)."""
+    if not needs_row_view(t):
+        return t
+    return t.redistribute(t.device_mesh, row_placements(t.placements))
+
+
+@torch.no_grad()
+def write_back(view: torch.Tensor, param: torch.Tensor) -> None:
+    """Copy an updated row view into ``param`` (its own layout) in place."""
+    if view is param:
+        return
+    param.to_local().copy_(view.redistribute(param.device_mesh, param.placements).to_local())
+
+
 class RowShards:
     """A gradient as this rank's row block plus the collectives needed to combine blocks."""
 
@@ -46,12 +102,17 @@ class RowShards:
 
             mesh, placements = grad.device_mesh, grad.placements
             shard_dim = row_shard_mesh_dim(placements)
+            if shard_dim is None and all(p.is_replicate() for p in placements):
+                # whole on every rank (the row view of a weight only TP shards): unsharded math
+                self.row0, self.rows = 0, grad.shape[0]
+                self.local = grad.to_local().float()
+                return
             if shard_dim is None:
                 raise NotImplementedError(
                     f"row-sharded math supports plain tensors and DTensors sharded on rows along one mesh "
                     f"dimension, replicated along the others (FSDP2: Shard(0); HSDP: Replicate(), Shard(0)); "
                     f"got placements {placements} on a {mesh.ndim}-D mesh (tensor parallelism shards "
-                    f"columns or rows twice: the trainer refuses that before the model is built)"
+                    f"columns or rows twice: pass the gradient's slimtrain.registry.sharded.row_view)"
                 )
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

@@ -127,10 +127,10 @@ class UpdateRule:
 
     method: str = ""  # the owning method's name (errors name it)
     needs_matrix: ClassVar[bool] = True  # refuse non-2-D parameters (error names method + param)
-    #: True for a rule that is elementwise on whatever shard it is given (AdamW): it then also runs
-    #: under tensor parallelism, where row-wise Linears shard the weight's COLUMNS. Rules built on
-    #: ``RowShards`` / ``OwnerRanks`` need whole rows (FSDP2 / HSDP) and keep False; tensor
-    #: parallelism with them is refused before the model (titan_integration/parallel_checks.py).
+    #: True for a rule that is elementwise on whatever shard it is given (AdamW): under tensor
+    #: parallelism it steps the TP shards as they are (row-wise Linears shard the weight's COLUMNS).
+    #: Rules built on ``RowShards`` / ``OwnerRanks`` need whole rows and keep False: the optimizer
+    #: then hands them a TP-sharded parameter's row view (``slimtrain.registry.sharded.row_view``).
     any_placement: ClassVar[bool] = False
     #: the trainer's ``optimizer.implementation`` ("foreach", "fused" or "for-loop"), set by the
     #: composition before the first step; rules with batched kernels honour it

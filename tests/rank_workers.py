@@ -66,7 +66,7 @@ def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str, r
         from torch.distributed.fsdp import fully_shard
 
         if tp > 1:
-            from torchtitan.models.llama3.infra.parallelize import apply_tp
+            from slimtrain.titan_integration.tensor_parallel import apply_tp
 
             mesh2 = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp_shard", "tp"))
             apply_tp(model, mesh2["tp"], loss_parallel=False, enable_float8_tensorwise_tp=False)

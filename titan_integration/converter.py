@@ -54,7 +54,9 @@ class SlimtrainConverter:
         self.composition = context.composition_for(job_config)
         if self.composition.has_parametrization:
             unsupported = []
-            if parallel_dims.tp_enabled:
+            unplanned = [m.name for m in self.composition.with_capability(Capability.PARAMETRIZATION)
+                         if not getattr(m, "tensor_parallel", False)]
+            if parallel_dims.tp_enabled and unplanned:  # the others: tensor_parallel.py shards their factors
                 unsupported.append(f"tensor parallelism (tensor_parallel_degree={parallel_dims.tp})")
             if parallel_dims.pp_enabled:
                 unsupported.append(f"pipeline parallelism (pipeline_parallel_degree={parallel_dims.pp})")

@@ -15,8 +15,12 @@ What runs on which mesh (tested in tests/integration/test_parallel_meshes.py):
   the shard dimension's group, so whole-matrix math runs once per matrix per replica group.
 * Tensor parallelism (torchtitan's Llama plan: column-wise wq/wk/wv/w1/w3 and the output head,
   row-wise wo/w2 and the embedding, sequence-parallel norms): parameters sharded on their rows AND
-  (row-wise Linear) on their columns. Only rules that are elementwise on any shard
-  (``UpdateRule.any_placement``: AdamW) run; no parametrizing method (see ``_TP_PARAMETRIZATION``).
+  (row-wise Linear) on their columns. Every update rule runs: elementwise ones
+  (``UpdateRule.any_placement``: AdamW) on the TP shards, the others on the parameter's row view
+  (``slimtrain.registry.sharded.row_view``: gathered over TP, FSDP2's rows kept). Parametrizing
+  methods whose parametrizations declare ``tp_dims`` (``Method.tensor_parallel``: low_rank, lora)
+  have their factors sharded by the plan (titan_integration/tensor_parallel.py); the others
+  (SLTrain) are refused (``_TP_PARAMETRIZATION``).
 * Pipeline parallelism with a parametrizing method: refused (the converter does not wrap PP's parts).
 """
 
@@ -34,11 +38,11 @@ DEGREE_KEYS = (
 
 #: what a parametrizing method would need to run under tensor parallelism (the refusal says it)
 _TP_PARAMETRIZATION = (
-    "torchtitan's TP plan shards nn.Linear weights, and a parametrized weight is not a parameter it "
-    "can shard (its factors live under `.parametrizations.weight`); supporting it would take a TP plan "
-    "that shards the factors themselves (B on the output dimension for column-wise wq/wk/wv/w1/w3, A on "
-    "the input dimension for row-wise wo/w2, the other factor replicated, plus a sparse part sharded "
-    "with its index)"
+    "its parametrization declares no `tp_dims` (slimtrain.registry.parametrization.LinearParametrization: "
+    "how each original follows the column- and row-wise plan; low_rank and lora do: B with W's rows, A "
+    "with its columns, LoRA's W0 like W) and its forward would have to compute on DTensor originals. "
+    "For SLTrain that takes its sparse values and their flat row-major index split by TP block "
+    "(indices local to each shard) and its fused autograd function made DTensor-aware"
 )
 
 
@@ -117,27 +121,24 @@ def check_composition(deg: dict[str, int], composition) -> None:
         )
     if tp == 1:
         return
-    if parametrizing:
+    unplanned = [m.name for m in composition.with_capability(Capability.PARAMETRIZATION)
+                 if not getattr(m, "tensor_parallel", False)]
+    if unplanned:
         raise ConfigError(
             f"tensor parallelism (parallelism.tensor_parallel_degree = {tp}) is not supported with the weight-parametrizing "
-            f"method(s) {', '.join(parametrizing)}: {_TP_PARAMETRIZATION}. Use "
+            f"method(s) {', '.join(unplanned)}: {_TP_PARAMETRIZATION}. Use "
             f"--parallelism.tensor_parallel_degree 1 (FSDP2/HSDP run every recipe)"
         )
-    for method in composition.optimizer_methods:
-        rule = method.update_rule()
-        if not getattr(rule, "any_placement", False):
-            raise ConfigError(
-                f"tensor parallelism (parallelism.tensor_parallel_degree = {tp}) is not supported with [{method.name}]: its update "
-                f"rule works on whole rows (slimtrain.registry.sharded.RowShards: FSDP2 / HSDP row shards), and "
-                f"row-wise TP shards wo/w2's columns; it would take column-block collectives (or a gather of "
-                f"each matrix over the TP group) in the rule. Use --parallelism.tensor_parallel_degree 1"
-            )
+    # every update rule runs: elementwise ones (any_placement) on the TP shards, the others on their
+    # row view (slimtrain.registry.sharded.row_view: gathered over TP, FSDP2's rows kept)
     layers = (composition.codec_method, composition.stepper_method, composition.master_method)
     layer_methods = [m.name for m in layers if m is not None]
     if layer_methods:
         raise ConfigError(
             f"tensor parallelism (parallelism.tensor_parallel_degree = {tp}) is not supported with {', '.join(layer_methods)} yet: "
-            f"memory layers (state codecs, steppers, master weights) are tested on FSDP2 and HSDP row shards only"
+            f"memory layers (state codecs, steppers, master weights) are tested through training on FSDP2 and HSDP row shards only "
+            f"(state_8bit's step math is equal under TP at unit level, but its per-row blocks of a row-wise weight's "
+            f"column shard and their checkpoints are not tested; per_layer_updates is untested under TP)"
         )
 
 

@@ -1,7 +1,7 @@
 """Registration with torchtitan: the ``slimtrain_llama`` train spec and the ``slimtrain`` converter.
 
-The train spec is torchtitan's llama3 spec (model class, parallelize, pipelining, loss, state-dict
-adapter unchanged) with slimtrain's flavors, optimizer and LR-scheduler builders, the corpus-aware
+The train spec is torchtitan's llama3 spec (model class, pipelining, loss, state-dict adapter
+unchanged; parallelize torchtitan's with parametrized Linears in its TP plan: tensor_parallel.py) with slimtrain's flavors, optimizer and LR-scheduler builders, the corpus-aware
 dataloader and tokenizer builders, and the perplexity validator swapped in.
 
 Importing this module registers both (guarded: torchtitan raises on a second registration of the
@@ -22,7 +22,7 @@ cpu_shim.apply()
 import torchtitan.protocols.train_spec as train_spec_module  # noqa: E402
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec  # noqa: E402
 
-from slimtrain.titan_integration import converter, data, memory_layers, optimizer, perplexity  # noqa: E402
+from slimtrain.titan_integration import converter, data, memory_layers, optimizer, perplexity, tensor_parallel  # noqa: E402
 from slimtrain.titan_integration.flavors import FLAVORS  # noqa: E402
 
 TRAIN_SPEC_NAME = "slimtrain_llama"
@@ -33,6 +33,7 @@ def build_train_spec() -> TrainSpec:
     return dataclasses.replace(
         base,
         model_args=FLAVORS,
+        parallelize_fn=tensor_parallel.parallelize_llama,  # torchtitan's, with the TP plan of parametrized Linears
         build_optimizers_fn=memory_layers.build_optimizers,  # optimizer.build_optimizers + 8-bit state, per-layer updates
         build_lr_schedulers_fn=optimizer.build_lr_schedulers,
         build_dataloader_fn=data.build_dataloader,

@@ -40,6 +40,12 @@ def test_valid_meshes_resolve_the_shard_degree():
                  data_parallel_shard_degree=2)["data_parallel_shard_degree"] == 2
     assert check(["adamw"], tensor_parallel_degree=2)["data_parallel_shard_degree"] == 2
     assert check(["adamw", "momentum_reset"], tensor_parallel_degree=2, data_parallel_shard_degree=2)
+    # every update rule runs under TP (row-based ones on their row view)
+    for rule in ("galore", "fira", "apollo", "apollo_mini", "muon", "scale", "sinkgd", "adam_mini", "stable_spam"):
+        assert check([rule], {"galore": {"rank": 8}} if rule == "galore" else {}, tensor_parallel_degree=2)
+    # parametrizations that declare tp_dims: their factors follow the TP plan
+    for methods in (["low_rank"], ["lora", "lora_merge"], ["low_rank", "refactorization"]):
+        assert check(methods, tensor_parallel_degree=2)
 
 
 @pytest.mark.parametrize(
@@ -57,18 +63,14 @@ def test_valid_meshes_resolve_the_shard_degree():
          r"tensor_parallel_degree = 3 does not divide the nano flavor's n_heads = 2 .* divisor of 2: 1, 2"),
         (["sltrain"], dict(tensor_parallel_degree=2), 4,
          r"tensor parallelism \(parallelism\.tensor_parallel_degree = 2\) is not supported with the "
-         r"weight-parametrizing method\(s\) sltrain: .*B on the output dimension"),
-        (["lora"], dict(tensor_parallel_degree=2), 4, r"parametrizing method\(s\) lora"),
-        (["galore"], dict(tensor_parallel_degree=2), 4,
-         r"tensor_parallel_degree = 2\) is not supported with \[galore\]: its update rule works on whole rows"),
-        (["muon"], dict(tensor_parallel_degree=2), 4, r"not supported with \[muon\]"),
+         r"weight-parametrizing method\(s\) sltrain: its parametrization declares no `tp_dims`.*SLTrain"),
         (["adamw", "state_8bit"], dict(tensor_parallel_degree=2), 4, r"not supported with state_8bit"),
         (["adamw", "master_weights_bf16"], dict(tensor_parallel_degree=2), 4, r"not supported with master_weights_bf16"),
         (["low_rank"], dict(pipeline_parallel_degree=2), 4,
          r"parallelism\.pipeline_parallel_degree = 2 is not supported with a weight-parametrizing method \(low_rank\)"),
     ],
-    ids=["product", "replicate-divides", "zero", "tp-heads", "tp-divisors", "tp-sltrain", "tp-lora", "tp-galore",
-         "tp-muon", "tp-8bit", "tp-master-weights", "pp-low-rank"],
+    ids=["product", "replicate-divides", "zero", "tp-heads", "tp-divisors", "tp-sltrain", "tp-8bit", "tp-master-weights",
+         "pp-low-rank"],
 )
 def test_bad_parallelism_is_refused(methods, degrees, world, expected):
     from slimtrain.registry import ConfigError

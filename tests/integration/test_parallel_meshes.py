@@ -8,10 +8,12 @@ torchrun launch (and two short 2-rank ones):
   4``, ``--checkpoint.initial_load_path``, model + optimizer + data position) and the steps after it
   equal the HSDP run's (same data split, other reduction order; torchtitan's init is not seeded
   across meshes, so a shared checkpoint is how two meshes start from the same weights);
-* FSDP 2 x TP 2 (torchtitan's Llama TP plan): full_rank trains and resumes bitwise, and loads the
-  HSDP checkpoint (DCP reshards it onto the TP placements; the data position is not loaded:
-  torchtitan's loader cannot reshard it from 4 to 2 data-parallel ranks); one recipe of each kind
-  of refusal (TP_REFUSED) is refused before the model with the reason (parallel_checks.py);
+* FSDP 2 x TP 2 (torchtitan's Llama TP plan, factors of low_rank / lora sharded by
+  titan_integration/tensor_parallel.py): every recipe but SLTrain's trains and resumes bitwise, and
+  loads the HSDP checkpoint (DCP reshards it onto the TP placements, row-based rules' state onto
+  their row view; the data position is not loaded: torchtitan's loader cannot reshard it from 4 to
+  2 data-parallel ranks); the SLTrain recipes (TP_REFUSED) are refused before the model with the
+  reason (parallel_checks.py);
 * checkpoints across rank counts (CROSS_RECIPES): a 2-rank FSDP2 checkpoint resumes at 4-rank HSDP
   and the 4-rank HSDP checkpoint at 2-rank FSDP2 with ``--checkpoint.exclude_from_loading
   dataloader``; without it the run is refused before the model (checkpoint_mesh.py). Two short
@@ -35,11 +37,10 @@ STEPS, HALF = 4, 2  # the nano overrides fire every 2 steps: a refresh at 3, mer
 HSDP = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
 FSDP4 = ["--parallelism.data_parallel_shard_degree", "4"]
 TP = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
-#: recipes that run under FSDP 2 x TP 2; the others are refused (parallel_checks.check_composition)
-TP_RECIPES = ["full_rank"]
-#: one recipe per kind of refusal (a parametrizing method; a row-based rule; both): every method and
-#: rule kind is refused at unit level in test_parallel_checks.py, every recipe in docs/parallelism.md
-TP_REFUSED = ["sltrain", "galore", "sltrain_apollo_mini"]
+#: recipes refused under FSDP 2 x TP 2 (parallel_checks.check_composition): SLTrain's parametrization
+#: declares no tp_dims (its sparse part); every other recipe runs
+TP_REFUSED = ["sltrain", "sltrain_restarts", "sltrain_apollo_mini"]
+TP_RECIPES = [r for r in RECIPE_OVERRIDES if r not in TP_REFUSED]
 #: |loss(HSDP or TP) - loss(FSDP2 x 4)| per step, fp32. Measured 2026-12-06 (2-core CPU, torch
 #: 2.13.0+cpu, gloo): see the test docstrings.
 LOSS_TOL = 1e-6  # measured: 0 (bitwise) for every recipe, HSDP vs FSDP2 x 4 from one checkpoint
