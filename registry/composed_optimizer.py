@@ -26,6 +26,10 @@ rule must see the same hyperparameters and the same true step.
   no served state are still stepped together (foreach batching). A codec with ``fused_step`` (8-bit
   state) may instead step a parameter itself when its rule declares ``elementwise_update``: decode,
   update and encode in one compiled kernel, the state never decoded in full.
+* ``accumulate_params(params, micro)`` (per-layer updates with gradient accumulation): a parameter
+  whose rule declares ``accumulation_specs`` has micro-batch ``micro``'s gradient folded into its
+  buffers (``UpdateRule.accumulate``); the stepper then frees the gradient, and the step that follows
+  hands the buffers to the rule (``RuleParam.accumulated``) and drops them.
 """
 
 from __future__ import annotations
@@ -131,6 +135,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.specs: dict[torch.Tensor, ParamSpec] = {}
         self.declared: dict[torch.Tensor, list[StateSpec]] = {}
         self._checked: set[tuple[str, bool]] = set()
+        self.accumulation: dict[torch.Tensor, list[StateSpec] | None] = {}  # per parameter, its rule's
+        self._buffers: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # filled within a step
+        self._micro: dict[torch.Tensor, int] = {}  # micro-batches folded into those buffers
         for group in self.param_groups:
             name = group.get("rule")
             if name not in self.rules:
@@ -145,6 +152,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 rule.check(spec)
                 self.specs[p] = spec
                 self.declared[p] = list(rule.state_specs(spec))
+                self.accumulation[p] = rule.accumulation_specs(spec)
                 self._create_state(p)
 
     # -- state ----------------------------------------------------------------------------------
@@ -242,6 +250,35 @@ class ComposedOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             g[STEP_KEY] = done
 
+    # -- per-layer accumulation -----------------------------------------------------------------
+    def accumulates(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s rule accumulates into its own buffers (``accumulation_specs``)."""
+        return self.accumulation.get(p) is not None
+
+    def pending(self) -> list[torch.Tensor]:
+        """Parameters with buffers filled this step and not stepped yet."""
+        return list(self._buffers)
+
+    @torch.no_grad()
+    def accumulate_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Fold each of ``params``' current gradient into its rule's buffers (rules that declare
+        ``accumulation_specs``; others are left to accumulate in ``p.grad``)."""
+        wanted = set(params)
+        info = None
+        for gi, group in enumerate(self.param_groups):
+            rule = self.rules[group["rule"]]
+            for pi, p in enumerate(group["params"]):
+                if p not in wanted or p.grad is None or not self.accumulates(p):
+                    continue
+                if info is None:
+                    info = StepInfo(step=self.global_step + 1, lr=group["lr"], betas=tuple(group["betas"]),
+                                    eps=group["eps"], weight_decay=group["weight_decay"])
+                state = {d.name: self.state[p][d.name] for d in self.declared[p] if not self.coded(d)}
+                item = RuleParam(self.specs[p].name, self.specs[p], p, p.grad, state, pi, gi)
+                micro = self._micro.get(p, 0)
+                rule.accumulate(item, self._buffers.setdefault(p, {}), micro, info)
+                self._micro[p] = micro + 1
+
     # -- stepping -------------------------------------------------------------------------------
     def _step_group(self, gi: int, group: dict, params: Iterable[torch.Tensor]) -> None:
         name = group["rule"]
@@ -263,13 +300,17 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if fuse is not None and alone:
             unfused = []
             for pi, p in alone:
-                update = rule.elementwise_update(self.specs[p])
+                update = None if p in self._buffers else rule.elementwise_update(self.specs[p])
                 item = RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self.state[p], pi, gi)
                 if update is None or not fuse(update, self.declared[p], item, info):
                     unfused.append((pi, p))
             alone = unfused
         for batch in ([together] if together else []) + [[x] for x in alone]:
-            items = [RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self._view(p), pi, gi) for pi, p in batch]
+            items = [
+                RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self._view(p), pi, gi,
+                          self._buffers.pop(p, None), self._micro.pop(p, 1))
+                for pi, p in batch
+            ]
             rule.step(items, info)
             for item in items:
                 self._store(item.param, item.state)
