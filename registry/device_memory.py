@@ -15,9 +15,9 @@ Conventions (the paper's, extended):
   (``grad_accumulation_steps > 1``) every parameter's gradient is an accumulation buffer alive
   between micro-batches; with such a stepper, a parameter whose rule declares its own buffers
   (``UpdateRule.accumulation_specs``: a projected rule's r x n ``P^T G``) costs those buffers instead
-  (their declared dtype: fp32), plus one micro-batch gradient alive at a time (folded in and freed
-  at its hook: the largest such parameter's, in ``gradients``; in a block's backward, the block's
-  largest such parameter's gradient and step workspace).
+  (their declared dtype: fp32), plus one arriving micro-batch gradient at a time (folded into the
+  buffers and freed, or added to a kept gradient: the largest parameter's, in ``gradients``; in a
+  block's backward, the block's largest projected parameter's gradient and step workspace).
 
 Activations (``activations``: what backward keeps at the end of the forward and loss) of a LLaMA
 decoder at ``batch x seq_len`` tokens, ``act_bytes`` per element, as eager PyTorch saves them per
@@ -165,8 +165,9 @@ def gradient_bytes(
     buffers = accumulation_buffers(composition, specs, bytes_per_element=bytes_per_element)
     numel = {s.name: s.numel for s in specs}
     kept = sum(numel[n] * bytes_per_element if b is None else b for n, b in buffers.items())
-    transient = max((numel[n] * bytes_per_element for n, b in buffers.items() if b is not None), default=0)
-    return kept + transient
+    # one micro-batch gradient arriving at a time: folded into a rule's buffers, or added to the
+    # kept gradient (both alive at that moment): the largest parameter's
+    return kept + max(trainable) * bytes_per_element
 
 
 def _rule_temporaries(rule, group: list[ParamSpec]) -> int:
