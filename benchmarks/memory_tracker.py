@@ -52,8 +52,8 @@ def recipes(rank: int) -> dict[str, tuple[list[str], dict]]:
         ),
         # per-layer updates with gradient accumulation (MICRO_BATCHES): GaLore's r x n buffers, AdamW's
         # full gradients; the 7B recipe's composition with APOLLO-Mini's projected accumulation
-        "galore + per_layer_updates, 3 micro-batches": (["galore", "per_layer_updates"], {"galore": {"rank": rank}}),
-        "sltrain + apollo_mini (projected) + state_8bit + per_layer_updates, 3 micro-batches": (
+        "galore + per_layer_updates (3 micro-batches)": (["galore", "per_layer_updates"], {"galore": {"rank": rank}}),
+        "sltrain + apollo_mini (projected) + state_8bit + per_layer_updates (3 micro-batches)": (
             ["sltrain", "apollo_mini", "state_8bit", "per_layer_updates"],
             {"sltrain": {"rank": rank // 2, "delta": 0.01},
              "apollo_mini": {"roles": ["B", "A"], "rank": 1, "accumulation": "projected"}},
@@ -65,8 +65,8 @@ def recipes(rank: int) -> dict[str, tuple[list[str], dict]]:
 
 #: micro-batches per step of a recipe (1 when not named)
 MICRO_BATCHES = {
-    "galore + per_layer_updates, 3 micro-batches": 3,
-    "sltrain + apollo_mini (projected) + state_8bit + per_layer_updates, 3 micro-batches": 3,
+    "galore + per_layer_updates (3 micro-batches)": 3,
+    "sltrain + apollo_mini (projected) + state_8bit + per_layer_updates (3 micro-batches)": 3,
 }
 EXAMPLE_LAYER = "bf16_state"
 

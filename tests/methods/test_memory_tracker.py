@@ -16,7 +16,24 @@ CASES = [  # recipe, activation checkpointing, batch, seq_len, the moment the mo
     ("galore + state_8bit", "none", 2, 32, "step"),
     ("galore + per_layer_updates", "full", 4, 128, "loss"),
     ("sltrain + apollo_mini + state_8bit + per_layer_updates", "full", 2, 64, "step output.weight"),
+    # the example memory layer (examples/slimtrain-bf16-memory-layer), registered from its folder
+    ("galore + bf16_state (example)", "none", 2, 32, "step"),
+    # per-layer updates with 3 micro-batches: GaLore's r x n buffers; the 7B recipe's composition with
+    # APOLLO-Mini's projected accumulation (slow: MemTracker on 3 micro-batches, ~2-3 min each here)
+    pytest.param("galore + per_layer_updates (3 micro-batches)", "none", 2, 32, "step output.weight",
+                 marks=pytest.mark.slow),
+    pytest.param("sltrain + apollo_mini (projected) + state_8bit + per_layer_updates (3 micro-batches)", "full", 2, 64,
+                 "step output.weight", marks=pytest.mark.slow),
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_example_layer_left():
+    """The example layer is registered for the one test that uses it (benchmarks/memory_tracker.py)."""
+    yield
+    from slimtrain.registry import unregister_plugin
+
+    unregister_plugin("example-bf16-state")
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +46,12 @@ def unfused_codec(monkeypatch):
     monkeypatch.setitem(quant8_fused._state, "off", True)
 
 
-@pytest.mark.parametrize("recipe,ac,batch,seq_len,phase", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def _id(case) -> str:
+    values = case.values if hasattr(case, "values") else case
+    return f"{values[0]}-{values[1]}"
+
+
+@pytest.mark.parametrize("recipe,ac,batch,seq_len,phase", CASES, ids=[_id(c) for c in CASES])
 def test_model_matches_memtracker(recipe, ac, batch, seq_len, phase):
     pytest.importorskip("torch.distributed._tools.mem_tracker")
     from benchmarks.memory_tracker import CATEGORIES, compare, error
