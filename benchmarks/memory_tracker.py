@@ -10,7 +10,9 @@ the first creates the optimizer state, as in training.
 What is compared with the model, category by category:
 * weights: parameter storage; index: the buffers whose name ends in ``index`` (SLTrain's support);
 * optimizer: optimizer-state storage after the step (what persists between steps);
-* gradients: the most gradient storage alive at once during the step;
+* gradients: the most gradient storage alive at once during the step; with per-layer updates and
+  accumulation, plus the bytes of the rules' accumulation buffers held between micro-batches (the
+  tensors in ``ComposedOptimizer._buffers``; MemTracker files them as temporaries);
 * activations: what is alive at the end of the forward and loss (what backward keeps), less the
   weights, buffers and state alive before the step;
 * peak: the most storage alive at once (every category), against ``DeviceMemory.peak``.
@@ -48,7 +50,39 @@ def recipes(rank: int) -> dict[str, tuple[list[str], dict]]:
             ["sltrain", "apollo_mini", "state_8bit", "per_layer_updates"],
             {"sltrain": {"rank": rank // 2, "delta": 0.01}, "apollo_mini": {"roles": ["B", "A"], "rank": 1}},
         ),
+        # per-layer updates with gradient accumulation (MICRO_BATCHES): GaLore's r x n buffers, AdamW's
+        # full gradients; the 7B recipe's composition with APOLLO-Mini's projected accumulation
+        "galore + per_layer_updates (3 micro-batches)": (["galore", "per_layer_updates"], {"galore": {"rank": rank}}),
+        "sltrain + apollo_mini (projected) + state_8bit + per_layer_updates (3 micro-batches)": (
+            ["sltrain", "apollo_mini", "state_8bit", "per_layer_updates"],
+            {"sltrain": {"rank": rank // 2, "delta": 0.01},
+             "apollo_mini": {"roles": ["B", "A"], "rank": 1, "accumulation": "projected"}},
+        ),
+        # the example memory layer (examples/slimtrain-bf16-memory-layer: bf16 moments)
+        "galore + bf16_state (example)": (["galore", EXAMPLE_LAYER], {"galore": {"rank": rank}}),
     }
+
+
+#: micro-batches per step of a recipe (1 when not named)
+MICRO_BATCHES = {
+    "galore + per_layer_updates (3 micro-batches)": 3,
+    "sltrain + apollo_mini (projected) + state_8bit + per_layer_updates (3 micro-batches)": 3,
+}
+EXAMPLE_LAYER = "bf16_state"
+
+
+def register_example_layer() -> None:
+    """Register the example distribution's memory layer from its folder (it need not be installed)."""
+    from slimtrain.registry import manager
+
+    if EXAMPLE_LAYER in manager.get_methods():
+        return
+    folder = str(ROOT / "examples" / "slimtrain-bf16-memory-layer")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    from slimtrain_bf16_state import bf16_state
+
+    manager.register_plugin(bf16_state, name="example-bf16-state")
 
 
 def _tracker_class():
@@ -89,7 +123,7 @@ def _snap(tracker, kind: str = "current") -> dict[str, int]:
     return {getattr(k, "name", str(k)): int(v) for k, v in out.items()}
 
 
-def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
+def build(flavor: str, methods: list[str], sections: dict, ac: str = "none", micro: int = 1):
     """The flavor's model with the composition applied, its composed optimizer and memory layers."""
     from slimtrain.registry import OptimizerHyper, TrainerSettings, compose
     from slimtrain.titan_integration.activation_checkpointing import apply_activation_checkpointing
@@ -104,13 +138,18 @@ def build(flavor: str, methods: list[str], sections: dict, ac: str = "none"):
     opt = comp.build_optimizer(comp.param_groups(model), OptimizerHyper(lr=1e-3))
     if comp.codec_method is not None:  # the memory layers, as the trainer installs them
         opt.install_codec(comp.state_codec())
-    stepper = comp.stepper_method.attach_stepper(opt, TrainerSettings()) if comp.stepper_method else None
+    settings = TrainerSettings(grad_accumulation_steps=micro)
+    stepper = comp.stepper_method.attach_stepper(opt, settings) if comp.stepper_method else None
     return comp, model, opt, stepper
 
 
-def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_len: int, ac: str = "none") -> dict:
-    """MemTracker's figures (bytes) for the second training step (see the module docstring)."""
-    comp, model, opt, _stepper = build(flavor, methods, sections, ac)
+def measure(
+    flavor: str, methods: list[str], sections: dict, *, batch: int, seq_len: int, ac: str = "none", micro: int = 1,
+) -> dict:
+    """MemTracker's figures (bytes) for the second training step (see the module docstring); with
+    ``micro`` > 1, that many micro-batches of ``batch`` (the same tokens) before the step, the
+    activations read at the first micro-batch's loss."""
+    comp, model, opt, _stepper = build(flavor, methods, sections, ac, micro)
     vocab = model.tok_embeddings.weight.shape[0] if hasattr(model.tok_embeddings, "weight") else None
     gen = torch.Generator().manual_seed(1)
     vocab = vocab or model.output.weight.shape[0]
@@ -118,14 +157,23 @@ def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_
     labels = torch.randint(0, vocab, (batch, seq_len), generator=gen)
     marks: dict[str, dict[str, int]] = {}
 
+    blocks: dict[int, int] = {}
+
     def step(tracker=None) -> None:
-        pred = model(tokens)
-        loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
-        del pred
-        if tracker is not None:
-            marks["forward"] = _snap(tracker)
-        loss.backward()
-        del loss
+        for i in range(micro):
+            pred = model(tokens)
+            loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1)) / micro
+            del pred
+            if tracker is not None and i == 0:
+                marks["forward"] = _snap(tracker)
+            loss.backward()
+            del loss
+            if tracker is not None and micro > 1:  # MemTracker tracks one forward per module: keep
+                block_peaks(tracker, blocks)         # this micro-batch's block peaks, then start over
+                tracker.reset_mod_stats()
+                held = getattr(opt, "_buffers", {})  # a rule's accumulation buffers (MemTracker files
+                marks["buffers"] = max(marks.get("buffers", 0), sum(  # them as temporaries, not GRAD)
+                    t.numel() * t.element_size() for bufs in held.values() for t in bufs.values()))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -139,19 +187,12 @@ def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_
     seconds = time.perf_counter() - t0
     after = _snap(tracker)
     peak = _snap(tracker, "peak")
-    blocks = {}
-    for stats in tracker.memory_tracking.values():
-        parts = stats.mod_fqn.split(".")
-        if len(parts) == 3 and parts[1] == "layers":
-            snaps = stats.snapshots.get(_peak_bw(), [])
-            totals = [int(v.get(_total_key(), 0)) for snap in snaps for v in snap.values()]
-            if totals:
-                blocks[int(parts[2])] = max(totals)
+    block_peaks(tracker, blocks)
     index = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("index"))
     static_before = sum(before.get(k, 0) for k in ("PARAM", "BUFFER", "OPT", "OTH"))
     return dict(
         weights=before.get("PARAM", 0),
-        gradients=tracker.category_max.get("GRAD", 0),
+        gradients=tracker.category_max.get("GRAD", 0) + marks.get("buffers", 0),
         optimizer=after.get("OPT", 0),
         index=index,
         activations=marks["forward"]["Total"] - static_before,
@@ -162,7 +203,20 @@ def measure(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_
     )
 
 
-def model_figures(flavor: str, methods: list[str], sections: dict, *, batch: int, seq_len: int, ac: str = "none"):
+def block_peaks(tracker, blocks: dict[int, int]) -> None:
+    """The most bytes alive during each block's backward so far, into ``blocks`` (max with it)."""
+    for stats in tracker.memory_tracking.values():
+        parts = stats.mod_fqn.split(".")
+        if len(parts) == 3 and parts[1] == "layers":
+            snaps = stats.snapshots.get(_peak_bw(), [])
+            totals = [int(v.get(_total_key(), 0)) for snap in snaps for v in snap.values()]
+            if totals:
+                blocks[int(parts[2])] = max(blocks.get(int(parts[2]), 0), max(totals))
+
+
+def model_figures(
+    flavor: str, methods: list[str], sections: dict, *, batch: int, seq_len: int, ac: str = "none", micro: int = 1,
+):
     """``slimtrain.registry.device_memory.device_memory`` for the same composition, fp32 on CPU."""
     from slimtrain.registry import compose, llama_dense_specs
     from slimtrain.registry.device_memory import device_memory
@@ -174,6 +228,7 @@ def model_figures(flavor: str, methods: list[str], sections: dict, *, batch: int
         comp, llama_dense_specs(shape.dim, shape.ffn, shape.n_layers, vocab, shape.n_heads),
         dim=shape.dim, ffn=shape.ffn, layers=shape.n_layers, heads=shape.n_heads, vocab=vocab,
         batch=batch, seq_len=seq_len, ac=ac, bytes_per_element=4, act_bytes=4, device="cpu",
+        grad_accumulation_steps=micro,
     )
 
 
@@ -181,8 +236,11 @@ def compare(flavor: str, name: str, *, batch: int, seq_len: int, ac: str) -> dic
     from slimtrain.titan_integration.flavors import SHAPES
 
     methods, sections = recipes(SHAPES[flavor].rank)[name]
-    got = measure(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac)
-    est = model_figures(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac)
+    if EXAMPLE_LAYER in methods:
+        register_example_layer()
+    micro = MICRO_BATCHES.get(name, 1)
+    got = measure(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac, micro=micro)
+    est = model_figures(flavor, methods, sections, batch=batch, seq_len=seq_len, ac=ac, micro=micro)
     want = {k: getattr(est, k) for k in CATEGORIES}
     static = est.weights + est.index + est.optimizer
     blocks = {i: (static + est.phases[f"block {i}"], got["block_peaks"][i]) for i in sorted(got["block_peaks"])}
@@ -223,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ac", default="none,selective,full")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--recipes", default=None, help="comma-separated names (default: all five)")
+    ap.add_argument("--recipes", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--json", default=str(ROOT / "docs/benchmarks/memory_model_vs_memtracker.json"),
                     help="rows are merged into this file (same flavor, recipe, AC, batch and length replaced)")
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/memory_model_vs_memtracker.md"),

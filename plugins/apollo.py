@@ -37,12 +37,15 @@ import torch
 
 from slimtrain.registry import DEFAULT_TARGETS, Capability, ConfigError, Method, ParamSpec, check_choice, check_range, hookimpl
 from slimtrain.registry.projected_moments import (
+    ACCUMULATED,
     NORM_EPS,
     channel_ratio,
     check_rank,
+    fold_projected,
     limiter_from_norm,
     limiter_state_spec,
     project,
+    projected_accumulation_specs,
     projected_state_specs,
     scaled_norm,
     update_moments,
@@ -53,6 +56,7 @@ from slimtrain.registry.tensors import local_tensor
 from slimtrain.registry.update_rule import RuleParam, StateSpec, StepInfo, UpdateRule
 
 SCALE_TYPES = ("channel", "tensor")
+ACCUMULATIONS = ("full", "projected")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,10 @@ class ApolloConfig:
     scale_type: str = "channel"  # "channel" (APOLLO) or "tensor" (APOLLO-Mini)
     limiter: bool = True  # Fira's norm-growth limiter (apollo-torch's disable_nl = False)
     gamma: float = 1.01  # the limiter's allowed norm growth per step
+    #: per-layer updates with gradient accumulation: "full" (the gradient accumulated: the plain
+    #: accumulated step) or "projected" (only R, r x n, kept between micro-batches; the raw gradient
+    #: the update scales is then the LAST micro-batch's times k, an estimate of the step's)
+    accumulation: str = "full"
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
 
@@ -87,6 +95,7 @@ def validate_apollo(cfg: ApolloConfig, section: str) -> None:
     check_range(section, "scale", cfg.scale, low=0, low_inclusive=False)
     check_choice(section, "scale_type", cfg.scale_type, SCALE_TYPES)
     check_range(section, "gamma", cfg.gamma, low=1.0)
+    check_choice(section, "accumulation", cfg.accumulation, ACCUMULATIONS)
     if not cfg.targets:
         raise ConfigError(f"[{section}] targets = () is empty; name at least one module pattern")
     if not cfg.roles:
@@ -123,8 +132,12 @@ def tensor_factor(direction: torch.Tensor, low: torch.Tensor, rows: RowShards | 
 class ApolloRule(UpdateRule):
     """APOLLO's step on each selected matrix (FSDP2: ``RowShards`` all-reduces, never a gather)."""
 
-    def __init__(self, method: str, *, rank: int, gap: int, scale: float, scale_type: str, limiter: bool, gamma: float):
+    def __init__(
+        self, method: str, *, rank: int, gap: int, scale: float, scale_type: str, limiter: bool, gamma: float,
+        accumulation: str = "full",
+    ):
         self.method = method
+        self.accumulation = accumulation
         self.rank, self.gap, self.scale = int(rank), int(gap), float(scale)
         self.scale_type, self.limiter, self.gamma = scale_type, bool(limiter), float(gamma)
 
@@ -137,6 +150,22 @@ class ApolloRule(UpdateRule):
         if self.limiter:
             specs.append(limiter_state_spec("limiter_prev"))
         return specs
+
+    def accumulation_specs(self, spec: ParamSpec) -> list[StateSpec] | None:
+        return projected_accumulation_specs(spec.shape, self.rank) if self.accumulation == "projected" else None
+
+    def accumulate(self, item: RuleParam, buffers: dict[str, torch.Tensor], micro: int, info: StepInfo) -> None:
+        """R of each micro-batch summed; a refresh due in the step draws its (gradient-independent)
+        projection before the first."""
+        rows = RowShards(item.grad)
+        side = std_side(rows.shape)
+        proj_state = local_tensor(item.state["proj"])
+        step_before = int(item.state["step"].item())
+        if micro == 0 and step_before % self.gap == 0:
+            m, n = rows.shape
+            shape = (m, self.rank) if side == "left" else (self.rank, n)
+            proj_state.copy_(gaussian_projection(shape, self.rank, self.projection_seed(item, step_before), rows.local.device))
+        fold_projected(buffers, rows, proj_state, side)
 
     def projection_seed(self, p: RuleParam, step_before: int) -> int:
         """The seed of the projection drawn before step ``step_before + 1`` (tests override it)."""
@@ -154,10 +183,13 @@ class ApolloRule(UpdateRule):
         g = rows.local
         step_before = int(state["step"].item())
         proj_state = local_tensor(state["proj"])
-        if step_before % self.gap == 0:
-            shape = (m, self.rank) if side == "left" else (self.rank, n)
-            proj_state.copy_(gaussian_projection(shape, self.rank, self.projection_seed(p, step_before), g.device))
-        low, _ = project(rows, proj_state.float(), side)
+        if p.accumulated is not None:  # R summed over the micro-batches; g the last one's, times k
+            low, g = p.accumulated[ACCUMULATED], g * p.micro_batches
+        else:
+            if step_before % self.gap == 0:
+                shape = (m, self.rank) if side == "left" else (self.rank, n)
+                proj_state.copy_(gaussian_projection(shape, self.rank, self.projection_seed(p, step_before), g.device))
+            low, _ = project(rows, proj_state.float(), side)
         state["step"] += 1
         t = step_before + 1
         direction = apollo_adam(local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), low, info.betas, info.eps)
@@ -194,7 +226,7 @@ class Apollo(Method):
         c = self.config
         return ApolloRule(
             self.name, rank=c.rank, gap=c.update_proj_gap, scale=c.scale, scale_type=c.scale_type,
-            limiter=c.limiter, gamma=c.gamma,
+            limiter=c.limiter, gamma=c.gamma, accumulation=c.accumulation,
         )
 
 

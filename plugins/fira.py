@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from slimtrain.registry import DEFAULT_TARGETS, check_range, hookimpl
+from slimtrain.registry import DEFAULT_TARGETS, check_choice, check_range, hookimpl
 from slimtrain.plugins.galore import GaLore, ProjectionRule, validate_projection
+
+ACCUMULATIONS = ("full", "projected")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +29,16 @@ class FiraConfig:
     power_iters: int | None = None  # None: DEFAULT_POWER_ITERS; refused under convention "reference"
     oversample: int | None = None  # None: DEFAULT_OVERSAMPLE; refused under convention "reference"
     convention: str = "paper"  # "paper" (the paper's equations) or "reference" (fira 1.0.2's code)
+    #: per-layer updates with gradient accumulation: "full" (the gradient accumulated, the plain
+    #: accumulated step) or "projected" (r x n buffers; the residual is the last micro-batch's times k)
+    accumulation: str = "full"
     targets: tuple[str, ...] = DEFAULT_TARGETS
     roles: tuple[str, ...] = ("weight",)
 
     def __post_init__(self) -> None:
         validate_projection(self, "fira")
         check_range("fira", "gamma", self.gamma, low=1.0)
+        check_choice("fira", "accumulation", self.accumulation, ACCUMULATIONS)
 
 
 class Fira(GaLore):
@@ -41,7 +47,8 @@ class Fira(GaLore):
     Config = FiraConfig
 
     def update_rule(self) -> ProjectionRule:
-        return ProjectionRule(self.name, **self._rule_options(), fira=True, gamma=self.config.gamma)
+        return ProjectionRule(self.name, **self._rule_options(), fira=True, gamma=self.config.gamma,
+                              accumulation=self.config.accumulation)
 
 
 @hookimpl

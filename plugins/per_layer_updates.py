@@ -14,11 +14,17 @@ parameter (the update-rule contract); 8-bit state composes (the codec is per par
 Gradient accumulation (k micro-batches per step): the hook lets the first k - 1 backward passes
 accumulate into the parameter's gradient as without per-layer updates (autograd, or FSDP2 adding the
 reduced shard), and steps the parameter at its k-th hook, i.e. after the LAST micro-batch of the step,
-so the step equals the plain accumulated step. The accumulation buffer is the parameter's gradient
-(alive for every parameter between micro-batches: the memory models count it); the update itself,
-its decoded state and workspace stay one parameter at a time. A parameter whose k-th hook never came
-(unused in a micro-batch) is stepped by the trainer's ``optimizer.step()``, which steps whatever still
-has a gradient; the counts restart after every step (and so after a resume).
+so the step equals the plain accumulated step. What is kept between micro-batches is the rule's
+choice (``UpdateRule.accumulation_specs``): by default the parameter's gradient (alive for every such
+parameter between micro-batches); a rule that declares its own buffers (a projected rule: r x n
+``P^T G``) has each micro-batch's gradient folded into them at its hook
+(``ComposedOptimizer.accumulate_params``) and freed there, so only the buffers stay (the memory
+models count either). The update itself, its decoded state and workspace stay one parameter at a
+time. With ``clip = "per_parameter"`` and such buffers the accumulated gradient is never formed: each
+micro-batch's gradient is clipped to ``max_norm / k`` (which bounds the sum by ``max_norm``). A
+parameter whose k-th hook never came (unused in a micro-batch) is stepped by the trainer's
+``optimizer.step()``, which steps whatever still has a gradient or buffers (a zero gradient stands in
+for a missing last one); the counts restart after every step (and so after a resume).
 
 It declares ``Capability.STEPPER`` (it decides when the composed optimizer steps) with
 ``steps_in_backward``; the trainer calls ``attach_stepper`` on every built optimizer.
@@ -73,13 +79,37 @@ class PerLayerStepper:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         for p in self._params:
             self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self.handles.append(optimizer.register_step_pre_hook(self._before_step))
         self.handles.append(optimizer.register_step_post_hook(lambda *_: self._seen.clear()))
+
+    def _before_step(self, *_) -> None:
+        """Buffers filled but never stepped (a parameter whose last hook did not come): the step
+        takes them with a zero gradient in place of the missing last one."""
+        pending = getattr(self.optimizer, "pending", None)
+        for p in pending() if pending is not None else ():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
         seen = self._seen.get(id(p), 0) + 1
+        if self.accumulation_steps > 1 and self.optimizer.accumulates(p):
+            # the rule's own buffers: fold this micro-batch in and free its gradient
+            if self.clip == "per_parameter":
+                torch.nn.utils.clip_grad_norm_([p], self.max_norm / self.accumulation_steps)
+            self.optimizer.accumulate_params([p])
+            if seen < self.accumulation_steps:
+                self._seen[id(p)] = seen
+                p.grad = None
+                return
+            self._seen[id(p)] = 0
+            if self.track:
+                self.live_grads_seen = max(self.live_grads_seen, sum(q.grad is not None for q in self._params))
+            self.optimizer.step_params([p])
+            p.grad = None
+            return
         if seen < self.accumulation_steps:
             self._seen[id(p)] = seen  # keep accumulating: the step comes after the last micro-batch
             return

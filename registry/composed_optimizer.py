@@ -31,6 +31,10 @@ rule must see the same hyperparameters and the same true step.
   layer restores its master-precision weight, the rule updates that copy with the gradient cast to
   the master dtype (state declared without a dtype is kept in the master dtype), the layer splits
   the result back into the stored parameter and its state.
+* ``accumulate_params(params, micro)`` (per-layer updates with gradient accumulation): a parameter
+  whose rule declares ``accumulation_specs`` has micro-batch ``micro``'s gradient folded into its
+  buffers (``UpdateRule.accumulate``); the stepper then frees the gradient, and the step that follows
+  hands the buffers to the rule (``RuleParam.accumulated``) and drops them.
 """
 
 from __future__ import annotations
@@ -146,6 +150,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.declared: dict[torch.Tensor, list[StateSpec]] = {}
         self._rule_of: dict[torch.Tensor, str] = {}
         self._checked: set[tuple[str, bool]] = set()
+        self.accumulation: dict[torch.Tensor, list[StateSpec] | None] = {}  # per parameter, its rule's
+        self._buffers: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # filled within a step
+        self._micro: dict[torch.Tensor, int] = {}  # micro-batches folded into those buffers
         for group in self.param_groups:
             name = group.get("rule")
             if name not in self.rules:
@@ -161,6 +168,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 self.specs[p] = spec
                 self._rule_of[p] = name
                 self.declared[p] = list(rule.state_specs(spec))
+                self.accumulation[p] = rule.accumulation_specs(spec)
                 self._create_state(p)
 
     # -- state ----------------------------------------------------------------------------------
@@ -193,13 +201,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
         rule = self.rules[self._rule_of[p]]
         return not getattr(rule, "any_placement", False) and needs_row_view(p)
 
-    def _item(self, p: torch.Tensor, pi: int, gi: int, state: dict[str, torch.Tensor]) -> RuleParam:
+    def _item(self, p: torch.Tensor, pi: int, gi: int, state: dict[str, torch.Tensor],
+              accumulated: dict[str, torch.Tensor] | None = None, micro: int = 1) -> RuleParam:
         spec = self.specs[p]
-        if self._row_based(p):
+        if self._row_based(p):  # tensor parallelism (per-layer accumulation is refused under it)
             from slimtrain.registry.sharded import row_view
 
-            return RuleParam(spec.name, spec, row_view(p.detach()), row_view(p.grad), state, pi, gi)
-        return RuleParam(spec.name, spec, p, p.grad, state, pi, gi)
+            return RuleParam(spec.name, spec, row_view(p.detach()), row_view(p.grad), state, pi, gi, accumulated, micro)
+        return RuleParam(spec.name, spec, p, p.grad, state, pi, gi, accumulated, micro)
 
     def _view(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state a rule sees: stored tensors, moments decoded when a codec is installed."""
@@ -310,6 +319,35 @@ class ComposedOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             g[STEP_KEY] = done
 
+    # -- per-layer accumulation -----------------------------------------------------------------
+    def accumulates(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s rule accumulates into its own buffers (``accumulation_specs``)."""
+        return self.accumulation.get(p) is not None
+
+    def pending(self) -> list[torch.Tensor]:
+        """Parameters with buffers filled this step and not stepped yet."""
+        return list(self._buffers)
+
+    @torch.no_grad()
+    def accumulate_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Fold each of ``params``' current gradient into its rule's buffers (rules that declare
+        ``accumulation_specs``; others are left to accumulate in ``p.grad``)."""
+        wanted = set(params)
+        info = None
+        for gi, group in enumerate(self.param_groups):
+            rule = self.rules[group["rule"]]
+            for pi, p in enumerate(group["params"]):
+                if p not in wanted or p.grad is None or not self.accumulates(p):
+                    continue
+                if info is None:
+                    info = StepInfo(step=self.global_step + 1, lr=group["lr"], betas=tuple(group["betas"]),
+                                    eps=group["eps"], weight_decay=group["weight_decay"])
+                state = {d.name: self.state[p][d.name] for d in self.declared[p] if not self.coded(d)}
+                item = RuleParam(self.specs[p].name, self.specs[p], p, p.grad, state, pi, gi)
+                micro = self._micro.get(p, 0)
+                rule.accumulate(item, self._buffers.setdefault(p, {}), micro, info)
+                self._micro[p] = micro + 1
+
     # -- stepping -------------------------------------------------------------------------------
     def _step_group(self, gi: int, group: dict, params: Iterable[torch.Tensor]) -> None:
         name = group["rule"]
@@ -335,13 +373,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if fuse is not None and alone:
             unfused = []
             for pi, p in alone:
-                update = rule.elementwise_update(self.specs[p])
+                update = None if p in self._buffers else rule.elementwise_update(self.specs[p])
                 item = RuleParam(self.specs[p].name, self.specs[p], p, p.grad, self.state[p], pi, gi)
                 if update is None or self._row_based(p) or not fuse(update, self.declared[p], item, info):
                     unfused.append((pi, p))
             alone = unfused
         for batch in ([together] if together else []) + [[x] for x in alone]:
-            items = [self._item(p, pi, gi, self._view(p)) for pi, p in batch]
+            items = [self._item(p, pi, gi, self._view(p), self._buffers.pop(p, None), self._micro.pop(p, 1))
+                     for pi, p in batch]
             rule.step(items, info)
             for item, (_, p) in zip(items, batch):
                 if item.param is not p:
@@ -368,9 +407,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
             work = DTensor.from_local(work, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
         fuse = getattr(self.codec, "fused_step", None)
-        update = rule.elementwise_update(spec) if fuse is not None and self._has_coded_state(p) else None
+        buffers, micro = self._buffers.pop(p, None), self._micro.pop(p, 1)
+        update = (rule.elementwise_update(spec) if fuse is not None and buffers is None and self._has_coded_state(p)
+                  else None)
         if update is None or not fuse(update, self.declared[p], RuleParam(spec.name, spec, work, grad, state, pi, gi), info):
-            item = RuleParam(spec.name, spec, work, grad, self._view(p), pi, gi)
+            item = RuleParam(spec.name, spec, work, grad, self._view(p), pi, gi, buffers, micro)
             rule.step([item], info)
             self._store(p, item.state)
             if (name, True) not in self._checked:

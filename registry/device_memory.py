@@ -16,7 +16,11 @@ Conventions (the paper's, extended):
   (``Method.steps_in_backward``, e.g. per-layer updates) only the largest trainable parameter's
   (each gradient is freed by its update before the next is produced). With gradient accumulation
   (``grad_accumulation_steps > 1``) every parameter's gradient is an accumulation buffer alive
-  between micro-batches, with or without such a stepper.
+  between micro-batches; with such a stepper, a parameter whose rule declares its own buffers
+  (``UpdateRule.accumulation_specs``: a projected rule's r x n ``P^T G``) costs those buffers instead
+  (their declared dtype: fp32), plus one arriving micro-batch gradient at a time (folded into the
+  buffers and freed, or added to a kept gradient: the largest parameter's, in ``gradients``; in a
+  block's backward, the block's largest projected parameter's gradient and step workspace).
 
 Activations (``activations``: what backward keeps at the end of the forward and loss) of a LLaMA
 decoder at ``batch x seq_len`` tokens, ``act_bytes`` per element, as eager PyTorch saves them per
@@ -38,6 +42,7 @@ The peak (``peak``) is the largest of these moments of a step, each the static m
 index, optimizer state, the model's small buffers excluded) plus what is alive then:
 * ``loss``: the activations plus the loss's logit-sized tensors, at log-softmax's backward: its
   saved output, the incoming gradient and the outgoing one (3 x 4 bytes x V per token: fp32);
+  with accumulation, plus the accumulation buffers (alive from the second micro-batch on);
 * ``block i``: backward through block i (last first): the activations not yet freed, block i's
   recomputed set (when checkpointed, less its saved input), the SwiGLU's backward temporaries
   (the incoming h-gradient and three f-sized gradients, less the product already freed: h + 2f),
@@ -130,17 +135,44 @@ def optimizer_state_bytes(composition, specs: Iterable[ParamSpec], *, bytes_per_
     ) + sum(master.stored_bytes(spec) for _, group in _rules(composition, specs) for spec in group if master)
 
 
+def _buffer_bytes(decls, bytes_per_element: int) -> int:
+    """Bytes of declared accumulation buffers: each in its declared dtype (or the parameter's)."""
+    return sum(d.numel * (d.dtype.itemsize if d.dtype is not None else bytes_per_element) for d in decls)
+
+
+def accumulation_buffers(composition, specs: Iterable[ParamSpec], *, bytes_per_element: int = 2) -> dict[str, int | None]:
+    """Per trainable parameter (by name), with a stepper that steps in backward and accumulation: the
+    bytes of the buffers its rule accumulates into (``UpdateRule.accumulation_specs``), or None
+    where the rule accumulates the full gradient."""
+    out: dict[str, int | None] = {}
+    for rule, group in _rules(composition, specs):
+        for spec in group:
+            decls = rule.accumulation_specs(spec)
+            out[spec.name] = None if decls is None else _buffer_bytes(decls, bytes_per_element)
+    return out
+
+
 def gradient_bytes(
     composition, specs: Iterable[ParamSpec], *, bytes_per_element: int = 2, grad_accumulation_steps: int = 1,
 ) -> int:
     """Gradients alive at once: all of them, or the largest one when a stepper steps in backward
-    without accumulation (with accumulation every gradient is a buffer kept between micro-batches)."""
+    without accumulation. With accumulation every gradient is a buffer kept between micro-batches,
+    except, with such a stepper, those whose rule keeps its own buffers (counted instead, plus the
+    largest such parameter's micro-batch gradient)."""
+    specs = list(specs)
     trainable = [s.numel for s in specs if s.trainable]
     if not trainable:
         return 0
     if composition.steps_in_backward and grad_accumulation_steps <= 1:
         return max(trainable) * bytes_per_element
-    return sum(trainable) * bytes_per_element
+    if not composition.steps_in_backward:
+        return sum(trainable) * bytes_per_element
+    buffers = accumulation_buffers(composition, specs, bytes_per_element=bytes_per_element)
+    numel = {s.name: s.numel for s in specs}
+    kept = sum(numel[n] * bytes_per_element if b is None else b for n, b in buffers.items())
+    # one micro-batch gradient arriving at a time: folded into a rule's buffers, or added to the
+    # kept gradient (both alive at that moment): the largest parameter's
+    return kept + max(trainable) * bytes_per_element
 
 
 def _rule_temporaries(rule, group: list[ParamSpec]) -> int:
@@ -286,8 +318,16 @@ def peak_phases(
                 alone[spec.name] = spec.numel * bpe + workspace[spec.name]
 
     accumulated = 0  # gradients kept between micro-batches (accumulation buffers), alive through backward
+    projected: set[str] = set()  # per-layer: parameters whose rule keeps its own buffers (gradient transient)
     if grad_accumulation_steps > 1:
-        accumulated = gradient_bytes(composition, specs, bytes_per_element=bpe, grad_accumulation_steps=grad_accumulation_steps)
+        if per_layer:
+            buffers = accumulation_buffers(composition, specs, bytes_per_element=bpe)
+            numel = {x.name: x.numel for x in specs}
+            accumulated = sum(numel[n] * bpe if b is None else b for n, b in buffers.items())
+            projected = {n for n, b in buffers.items() if b is not None}
+        else:
+            accumulated = gradient_bytes(composition, specs, bytes_per_element=bpe, grad_accumulation_steps=grad_accumulation_steps)
+    phases["loss"] += accumulated  # from the second micro-batch on, the buffers are alive at the loss too
     remaining = sum(kept)  # block activations alive when backward reaches block i
     grads = 0  # without per-layer updates: gradients produced before block i's backward
     for name in (OUTPUT, "norm.weight"):
@@ -298,8 +338,10 @@ def peak_phases(
         recompute = s.block - s.block_input if ckpt[i] else 0
         inner = remaining + recompute + s.swiglu_backward
         if per_layer:
-            step_of = workspace if accumulated else alone  # accumulating: the gradient is in `accumulated`
-            in_block = [v for n, v in step_of.items() if _block_of(n) == i]
+            # accumulating: a full gradient is in `accumulated`; a projected rule's is produced and freed
+            in_block = [
+                (alone if not accumulated or n in projected else workspace)[n] for n in alone if _block_of(n) == i
+            ]
             phases[f"block {i}"] = inner + accumulated + (max(in_block) if in_block else 0)
         else:
             phases[f"block {i}"] = inner + max(grads, accumulated)
@@ -307,7 +349,7 @@ def peak_phases(
         remaining -= kept[i]
     if per_layer:
         if OUTPUT in alone:
-            own = workspace[OUTPUT] + accumulated if accumulated else alone[OUTPUT]
+            own = (alone if not accumulated or OUTPUT in projected else workspace)[OUTPUT] + accumulated
             phases[f"step {OUTPUT}"] = activations - logits + own
         if EMBEDDING in alone:
             phases[f"step {EMBEDDING}"] = alone[EMBEDDING]

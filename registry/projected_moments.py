@@ -50,6 +50,34 @@ def projected_state_specs(shape: tuple[int, int], rank: int) -> list[StateSpec]:
     ]
 
 
+#: the accumulation buffer of a projected rule (per-layer updates with gradient accumulation)
+ACCUMULATED = "grad_low"
+
+
+def projected_accumulation_specs(shape: tuple[int, int], rank: int) -> list[StateSpec]:
+    """The buffer a projected rule accumulates micro-batch gradients into: R's shape (r x n left,
+    replicated; m x r right, row-sharded), fp32."""
+    m, n = shape
+    left = std_side((m, n)) == "left"
+    low_shape, layout = ((rank, n), "replicate") if left else ((m, rank), "rows")
+    return [StateSpec(ACCUMULATED, low_shape, torch.float32, layout=layout)]
+
+
+def fold_projected(buffers: dict[str, torch.Tensor], rows: RowShards, proj: torch.Tensor, side: str) -> None:
+    """Add this micro-batch's R (``project``) into ``buffers[ACCUMULATED]`` (created at the first)."""
+    low, _ = project(rows, proj.float(), side)
+    if ACCUMULATED in buffers:
+        buffers[ACCUMULATED].add_(low)
+    else:
+        buffers[ACCUMULATED] = low.float().clone() if low.dtype != torch.float32 else low
+
+
+def basis_of(rows: RowShards, proj: torch.Tensor, side: str) -> torch.Tensor:
+    """The back-projection's basis ``project`` returns, without projecting: this rank's rows of P
+    (left) or Q (right)."""
+    return rows.my_rows(proj) if side == "left" else proj
+
+
 def limiter_state_spec(name: str) -> StateSpec:
     """The limiter's previous norm: -1 after creation or a reset (the first step is not limited)."""
     return StateSpec(name, (), torch.float32, OnReset.INIT, init_value=-1.0)

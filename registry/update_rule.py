@@ -93,6 +93,11 @@ class RuleParam:
     state: dict[str, torch.Tensor]  # created from the declarations before the first step
     index: int = 0  # position of the parameter in its group (stable: seeds may use it)
     group_index: int = 0  # position of its group in the optimizer (stable)
+    #: per-layer updates with gradient accumulation, for a rule that declares ``accumulation_specs``:
+    #: the buffers ``accumulate`` filled over the step's micro-batches (``grad`` is then the LAST
+    #: micro-batch's gradient alone) and the number of micro-batches; None / 1 otherwise
+    accumulated: dict[str, torch.Tensor] | None = None
+    micro_batches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +146,24 @@ class UpdateRule:
         ``ElementwiseUpdate``), or None (default: the codec decodes, ``step`` runs, the codec encodes).
         A rule that returns one must give the same update as its ``step`` of a list of one."""
         return None
+
+    def accumulation_specs(self, spec: ParamSpec) -> list[StateSpec] | None:
+        """Where this rule accumulates a step's micro-batch gradients when a stepper steps in backward
+        (per-layer updates with gradient accumulation). None (default): the full gradient, summed into
+        ``p.grad`` by autograd / FSDP2 and alive between micro-batches. A list: buffers, declared like
+        state (GLOBAL shape, dtype, FSDP2 layout), that ``accumulate`` folds each micro-batch's gradient
+        into; that gradient is then freed, the buffers live only within the step, and ``step`` reads
+        them from ``RuleParam.accumulated`` (e.g. a projected rule's r x n ``P^T G``). The memory models
+        count these buffers instead of the gradient."""
+        return None
+
+    def accumulate(self, item: RuleParam, buffers: dict[str, torch.Tensor], micro: int, info: StepInfo) -> None:
+        """Fold ``item.grad`` (micro-batch ``micro`` of the step, 0-based; ``buffers`` is empty at 0:
+        create every declared buffer, as plain tensors on the gradient's local device) into
+        ``buffers``. ``item.state`` holds the state no codec stores (projections, counters), not the
+        moments. A rule whose ``step`` would refresh something from the gradient makes its choice here
+        (e.g. from micro-batch 0's gradient), before the first fold."""
+        raise NotImplementedError(f"{type(self).__name__} declares accumulation_specs but implements no accumulate")
 
     def state_specs(self, spec: ParamSpec) -> list[StateSpec]:
         """The state this rule keeps for ``spec`` (GLOBAL shapes), created before the first step."""

@@ -8,6 +8,14 @@ finder by default, exact SVD as an option), and applies the update projected bac
 Every other trainable parameter goes to the default AdamW rule of the same optimizer. The math and
 the FSDP2 behaviour are in docs/methods/galore-fira.md; ``ProjectionRule`` below serves Fira too.
 
+Gradient accumulation with per-layer updates (``accumulation_specs`` / ``accumulate``): the rule keeps
+``R = P^T G`` (or ``G Q^T``), r x n, summed over the micro-batches (the projection is linear, so this
+is the plain accumulated step's R up to fp32 summation order); a refresh due in the step is computed
+from the FIRST micro-batch's gradient (the plain step's from the sum; the measured effect is in
+docs/methods/memory-layers.md). Fira's residual needs the full gradient: with ``accumulation =
+"projected"`` it is the last micro-batch's residual times k (an estimate), with ``"full"`` (Fira's
+default) the full gradient is accumulated as for any rule.
+
 Memory: ``2 r max(m, n)`` moment elements plus ``r min(m, n)`` for the projection per projected
 matrix (GaLore's published 1B figure, 4.76 GB, includes the projections), ``2 numel`` otherwise.
 """
@@ -31,12 +39,16 @@ from slimtrain.registry import (
     hookimpl,
 )
 from slimtrain.registry.projected_moments import (
+    ACCUMULATED,
+    basis_of,
     channel_ratio,
     check_rank,
     limiter_state_spec,
     norm_growth_limiter,
     project,
+    fold_projected,
     project_back,
+    projected_accumulation_specs,
     projected_state_specs,
     update_moments,
 )
@@ -180,7 +192,7 @@ class ProjectionRule(UpdateRule):
     def __init__(
         self, method: str, *, rank: int, gap: int, scale: float, proj_method: str = "auto",
         power_iters: int | None = None, oversample: int | None = None, fira: bool = False,
-        gamma: float = 1.01, convention: str = "paper",
+        gamma: float = 1.01, convention: str = "paper", accumulation: str = "projected",
     ):
         self.method = method
         self.rank, self.gap, self.scale = int(rank), int(gap), float(scale)
@@ -193,6 +205,7 @@ class ProjectionRule(UpdateRule):
         # randomized and exact refreshes agree (docs/methods/galore-fira.md, Signs)
         self.canonical_signs = not self.reference
         self.owners = OwnerRanks()
+        self.accumulation = accumulation  # "projected": r x n buffers; "full": the gradient (Fira's residual)
 
     # -- declarations ---------------------------------------------------------------------------
     def check(self, spec: ParamSpec) -> None:
@@ -204,6 +217,25 @@ class ProjectionRule(UpdateRule):
         if self.fira:
             specs.append(limiter_state_spec("fira_prev"))
         return specs
+
+    # -- gradient accumulation (per-layer updates) ------------------------------------------------
+    def accumulation_specs(self, spec: ParamSpec) -> list[StateSpec] | None:
+        if self.fira and self.accumulation == "full":
+            return None
+        return projected_accumulation_specs(spec.shape, self.rank)
+
+    def accumulate(self, item: RuleParam, buffers: dict[str, torch.Tensor], micro: int, info: StepInfo) -> None:
+        rows = RowShards(item.grad)
+        side = std_side(rows.shape)
+        proj_state = local_tensor(item.state["proj"])
+        step_before = int(item.state["step"].item())
+        if micro == 0 and step_before % self.gap == 0:  # the refresh's choice: the first micro-batch
+            svd = None
+            if self.proj_method == "svd" and rows.dist:
+                svd = self._distributed_svds([(item, rows)]).get(id(item))
+            proj_state.copy_(svd if svd is not None else self.compute_projection(
+                rows, side, refresh_seed(item.group_index, item.index, step_before)))
+        fold_projected(buffers, rows, proj_state, side)
 
     # -- refresh --------------------------------------------------------------------------------
     def compute_projection(self, rows: RowShards, side: str, seed: int) -> torch.Tensor:
@@ -238,7 +270,7 @@ class ProjectionRule(UpdateRule):
     def step(self, params: list[RuleParam], info: StepInfo) -> None:
         rows_of = [RowShards(p.grad) for p in params]
         before = [int(p.state["step"].item()) for p in params]
-        due = [b % self.gap == 0 for b in before]
+        due = [b % self.gap == 0 and p.accumulated is None for p, b in zip(params, before)]
         svds = self._distributed_svds(
             [(p, rows) for p, rows, d in zip(params, rows_of, due) if d and self.proj_method == "svd" and rows.dist]
         )
@@ -257,7 +289,10 @@ class ProjectionRule(UpdateRule):
                 rows, side, refresh_seed(p.group_index, p.index, step_before)
             )
             proj_state.copy_(fresh)
-        low, basis = project(rows, proj_state.float(), side)
+        if p.accumulated is None:
+            low, basis = project(rows, proj_state.float(), side)
+        else:  # R summed over the micro-batches (accumulate); G is the last micro-batch's alone
+            low, basis = p.accumulated[ACCUMULATED], basis_of(rows, proj_state.float(), side)
         state["step"] += 1
         t = step_before + 1
         direction = adam_direction(
@@ -270,7 +305,11 @@ class ProjectionRule(UpdateRule):
             apply_weight_decay(p_local, info.lr, info.weight_decay)
         p_local.add_(update.to(p_local.dtype), alpha=-info.lr * self.scale)
         if self.fira:
-            back_low = project_back(low, basis, side)
+            if p.accumulated is None:
+                back_low = project_back(low, basis, side)
+            else:  # the residual of the last micro-batch, times k: an estimate of the step's
+                g = g * p.micro_batches
+                back_low = project_back(project(rows, proj_state.float(), side)[0], basis, side).mul_(p.micro_batches)
             scaled = fira_residual(g, low, back_low, direction, side, self.scale if self.reference else 1.0)
             limiter = fira_limiter(scaled, state["fira_prev"], rows, info.betas, t, self.gamma, self.reference)
             p_local.addcdiv_(scaled.to(p_local.dtype), limiter, value=-info.lr)

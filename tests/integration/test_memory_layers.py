@@ -15,6 +15,8 @@ from .helpers import ROOT, offline_args, read_log, resume_runs, run_many
 pytestmark = pytest.mark.integration
 
 STEPS, HALF = 4, 2
+#: measured 2026-12-06 (nano, 4 steps, 2 micro-batches): largest |loss gap| 0.020 at 1 rank, 0.032 at 2
+PROJECTED_LOSS_GAP = 0.08
 METHODS = ["sltrain", "galore", "state_8bit", "per_layer_updates", "momentum_reset"]
 SECTIONS = ('[sltrain]\nrank = 8\n\n[galore]\nrank = 4\nupdate_proj_gap = 2\nroles = ["B", "A"]\n\n'
             '[state_8bit]\nblock_size = 16\n\n[momentum_reset]\nevery = 3\nwarmup_steps = 1\n\n')
@@ -75,4 +77,44 @@ def test_per_layer_updates_with_accumulation_equal_the_plain_accumulated_step(of
     # updates step before any clipping could act, so a zeroing would make the runs differ from step 2)
     for x, y in zip(p, a):
         assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
+    assert [e["loss"] for e in b] == [e["loss"] for e in a]
+
+
+#: GaLore on attention (its r x n buffers, refresh only at step 1) and APOLLO-Mini on the feed-forward
+#: weights (accumulation = "projected": R kept, the last micro-batch's gradient x k scaled)
+PROJECTED = ["--slimtrain.methods", "galore,apollo_mini", "--galore.rank", "8", "--galore.update_proj_gap", "100",
+             "--galore.targets", "*.attention.*", "--apollo_mini.targets", "*.feed_forward.*",
+             "--apollo_mini.update_proj_gap", "2"]
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["1rank", "2ranks"])
+def test_projected_accumulation_through_the_training_command(offline_assets, tmp_path, nproc):
+    """Two micro-batches per step with GaLore + APOLLO-Mini keeping projected buffers: trains and
+    resumes bitwise at 1 and 2 FSDP2 ranks. Against the plain accumulated step (no per-layer updates,
+    APOLLO-Mini accumulation = "full"): step 1's loss equal (before any update), later ones apart by
+    the refresh choice (GaLore's step-1 projection from the first micro-batch) and APOLLO-Mini's
+    last-micro-batch estimate, within the bound measured in docs/methods/memory-layers.md. The
+    2-rank launch is slow (~85 s on the loaded 2-core machine); its default-run counterpart is
+    tests/optim/test_per_layer_updates.py's FSDP2 accumulation test (1 and 2 gloo ranks)."""
+    base = ["--job.config_file", str(ROOT / "plugins" / "galore.toml"), *offline_args(offline_assets),
+            "--training.global_batch_size", str(2 * 4 * nproc), "--training.max_norm", "0"]
+    plain = tmp_path / "plain"
+    per_layer = [*base, *PROJECTED[:1], "galore,apollo_mini,per_layer_updates", *PROJECTED[2:],
+                 "--apollo_mini.accumulation", "projected"]
+    runs = [
+        {"name": "plain", "args": [*base, *PROJECTED, "--training.steps", str(STEPS), "--job.dump_folder", str(plain),
+                                   "--slimtrain.loss_log", f"{plain}.jsonl"]},
+        *resume_runs(per_layer, tmp_path, STEPS, HALF),
+    ]
+    results = run_many(nproc, runs, tmp_path)
+    for kind in ("plain", "straight", "half", "resume"):
+        assert results[kind]["ok"], results[kind]["error"]
+    p, _ = read_log(tmp_path / "plain.jsonl")
+    a, _ = read_log(tmp_path / "straight.jsonl")
+    b, _ = read_log(tmp_path / "resumed.jsonl")
+    assert len(p) == len(a) == STEPS and all(math.isfinite(e["loss"]) for e in p + a)
+    assert abs(p[0]["loss"] - a[0]["loss"]) <= 1e-6
+    gaps = [abs(x["loss"] - y["loss"]) for x, y in zip(p, a)]
+    print("plain vs projected accumulation, loss gaps per step:", gaps)
+    assert max(gaps) <= PROJECTED_LOSS_GAP, gaps
     assert [e["loss"] for e in b] == [e["loss"] for e in a]

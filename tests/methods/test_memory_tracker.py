@@ -16,7 +16,23 @@ CASES = [  # recipe, activation checkpointing, batch, seq_len, the moment the mo
     ("galore + state_8bit", "none", 2, 32, "step"),
     ("galore + per_layer_updates", "full", 4, 128, "loss"),
     ("sltrain + apollo_mini + state_8bit + per_layer_updates", "full", 2, 64, "step output.weight"),
+    # the example memory layer (examples/slimtrain-bf16-memory-layer), registered from its folder
+    ("galore + bf16_state (example)", "none", 2, 32, "step"),
+    # per-layer updates with 3 micro-batches: GaLore's r x n buffers; the 7B recipe's composition with
+    # APOLLO-Mini's projected accumulation (the two: 12 s on the 2-core machine)
+    ("galore + per_layer_updates (3 micro-batches)", "none", 2, 32, "step output.weight"),
+    ("sltrain + apollo_mini (projected) + state_8bit + per_layer_updates (3 micro-batches)", "full", 2, 64,
+     "step output.weight"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_example_layer_left():
+    """The example layer is registered for the one test that uses it (benchmarks/memory_tracker.py)."""
+    yield
+    from slimtrain.registry import unregister_plugin
+
+    unregister_plugin("example-bf16-state")
 
 
 @pytest.fixture(autouse=True)
