@@ -53,6 +53,9 @@ def build_model(comp, tiny: dict, *, world: int, shard: bool, seed_label: str, r
     ``data_parallel_replicate_degree`` builds it. ``tp > 1``: torchtitan's Llama TP plan on a
     (world / tp, tp) mesh ("dp_shard", "tp"), then FSDP2 over "dp_shard" (no loss parallelism: the
     output is gathered)."""
+    from slimtrain.titan_integration import cpu_shim
+
+    cpu_shim.apply()  # before torchtitan's first import in this process (a no-op with an accelerator)
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
     from slimtrain.registry.parametrization import seeded_generator
