@@ -39,10 +39,10 @@ DEGREE_KEYS = (
 #: what a parametrizing method would need to run under tensor parallelism (the refusal says it)
 _TP_PARAMETRIZATION = (
     "its parametrization declares no `tp_dims` (slimtrain.registry.parametrization.LinearParametrization: "
-    "how each original follows the column- and row-wise plan; low_rank and lora do: B with W's rows, A "
-    "with its columns, LoRA's W0 like W) and its forward would have to compute on DTensor originals. "
-    "For SLTrain that takes its sparse values and their flat row-major index split by TP block "
-    "(indices local to each shard) and its fused autograd function made DTensor-aware"
+    "how each original follows the column- and row-wise plan; the factorized ones declare it: B with W's "
+    "rows, A with its columns, a frozen base like W) and its forward would have to compute on DTensor "
+    "originals. A sparse parametrization also needs its values and their flat row-major index split by TP "
+    "block (indices local to each shard) and its fused autograd function made DTensor-aware"
 )
 
 
@@ -137,8 +137,8 @@ def check_composition(deg: dict[str, int], composition) -> None:
         raise ConfigError(
             f"tensor parallelism (parallelism.tensor_parallel_degree = {tp}) is not supported with {', '.join(layer_methods)} yet: "
             f"memory layers (state codecs, steppers, master weights) are tested through training on FSDP2 and HSDP row shards only "
-            f"(state_8bit's step math is equal under TP at unit level, but its per-row blocks of a row-wise weight's "
-            f"column shard and their checkpoints are not tested; per_layer_updates is untested under TP)"
+            f"(a state codec's step math is equal under TP at unit level, but its per-row blocks of a row-wise weight's "
+            f"column shard and their checkpoints are not tested; steppers and master weights are untested under TP)"
         )
 
 

@@ -63,7 +63,7 @@ def test_valid_meshes_resolve_the_shard_degree():
          r"tensor_parallel_degree = 3 does not divide the nano flavor's n_heads = 2 .* divisor of 2: 1, 2"),
         (["sltrain"], dict(tensor_parallel_degree=2), 4,
          r"tensor parallelism \(parallelism\.tensor_parallel_degree = 2\) is not supported with the "
-         r"weight-parametrizing method\(s\) sltrain: its parametrization declares no `tp_dims`.*SLTrain"),
+         r"weight-parametrizing method\(s\) sltrain: its parametrization declares no `tp_dims`.*sparse parametrization"),
         (["adamw", "state_8bit"], dict(tensor_parallel_degree=2), 4, r"not supported with state_8bit"),
         (["adamw", "master_weights_bf16"], dict(tensor_parallel_degree=2), 4, r"not supported with master_weights_bf16"),
         (["low_rank"], dict(pipeline_parallel_degree=2), 4,
