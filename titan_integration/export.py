@@ -42,6 +42,7 @@ class ExportPlan:
     record: dict
     checkpoint: Path
     step: int
+    master_weights: dict | None = None  # what load_run_model restored (restore_master_weights)
 
 
 def newest_checkpoint(folder: Path) -> tuple[Path, int] | None:
@@ -126,7 +127,47 @@ def load_run_model(p: ExportPlan):
     state = model.state_dict()
     dcp.load(state, checkpoint_id=str(p.checkpoint))
     model.load_state_dict(state)
+    p.master_weights = restore_master_weights(model, comp, p.checkpoint)
     return model.eval(), args
+
+
+def restore_master_weights(model, comp, checkpoint: Path) -> dict | None:
+    """A run whose memory layer keeps the weights as a stored dtype plus state of its own (e.g.
+    ``master_weights_bf16``: bf16 plus an int8 correction in the optimizer state) exports the weight
+    that layer restores, not the stored one: each trainable parameter's layer state is read from the
+    checkpoint (``optimizer.state.<fqn>.<key>``) and ``MasterWeights.restore`` gives the fp32 weight.
+    Returns what was done (for slimtrain_export.json), or None without such a layer. A parameter whose
+    state the checkpoint lacks (a model-only save) keeps its stored weight and is named there."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    master = comp.master_weights()
+    if master is None or not master.stored_keys():
+        return None
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    wanted, missing = {}, []
+    for name, param in params.items():
+        keys = {k: f"optimizer.state.{name}.{k}" for k in master.stored_keys()}
+        if not all(v in saved for v in keys.values()):
+            missing.append(name)
+            continue
+        for k, v in keys.items():
+            wanted[v] = torch.empty(param.shape, dtype=saved[v].properties.dtype)
+    if wanted:
+        dcp.load(wanted, checkpoint_id=str(checkpoint))
+    with torch.no_grad():
+        for name, param in params.items():
+            if name in missing:
+                continue
+            layer_state = {k: wanted[f"optimizer.state.{name}.{k}"] for k in master.stored_keys()}
+            stored = param.detach().to(master.storage_dtype)  # exact: the checkpoint holds this dtype
+            param.copy_(master.restore(stored, layer_state).to(param.dtype))
+    if missing:
+        print(f"slimtrain export: {comp.master_method.name}: the checkpoint has no layer state for "
+              f"{len(missing)} parameter(s) (e.g. {missing[0]}): they are exported as stored "
+              f"({master.storage_dtype})", file=sys.stderr)
+    return {"method": comp.master_method.name, "restored": len(params) - len(missing), "missing": missing}
 
 
 def permute_rope(w, n_heads: int):
@@ -224,7 +265,8 @@ def export(run_dir: str, out_dir: str) -> ExportPlan:
                 shutil.copy2(assets / name, tmp / name)
         (tmp / "slimtrain_export.json").write_text(json.dumps(
             {"run_dir": str(p.run_dir.resolve()), "checkpoint": str(p.checkpoint), "step": p.step,
-             "methods": p.record["methods"], "flavor": p.record["flavor"]}, indent=2))
+             "methods": p.record["methods"], "flavor": p.record["flavor"],
+             "master_weights": p.master_weights}, indent=2))
         hf = LlamaForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
         with torch.no_grad():
             theirs = hf(probe).logits.float()

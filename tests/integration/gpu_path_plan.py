@@ -19,6 +19,24 @@ ALL_RECIPES: dict[str, list[str]] = {
                               "--apollo_mini.update_proj_gap", "2"],
 }
 
+# The default run's recipes: one per distinct machinery on the GPU path (the dense model under AdamW
+# and under the two rules with the most of their own: GaLore's refresh, Muon's Newton-Schulz; SLTrain
+# with refactorization and resets; LoRA merges; the low-rank refactorization; the 7B recipe's per-layer
+# updates, 8-bit state and APOLLO-Mini). The other recipes (elementwise or projected rules on the same
+# dense graph, and sub-cases of these) run in the slow set (`pytest -m slow`): every recipe, as before.
+DEFAULT_RECIPES = ("full_rank", "galore", "muon", "sltrain_restarts", "relora", "low_rank_restarts",
+                   "sltrain_7b_single_gpu")
+RECIPE_SETS = {"representative": DEFAULT_RECIPES, "every_recipe": tuple(ALL_RECIPES)}
+
+
+def recipe_sets():
+    """pytest params: the representative set by default, every recipe under the ``slow`` mark."""
+    import pytest
+
+    return [pytest.param(RECIPE_SETS["representative"], id="representative"),
+            pytest.param(RECIPE_SETS["every_recipe"], id="every_recipe", marks=pytest.mark.slow)]
+
+
 BF16 = ["--slimtrain.cpu_mixed_precision"]
 COMPILE = ["--compile.enable"]
 FULL = ["--activation_checkpoint.mode", "full"]

@@ -52,6 +52,32 @@ def test_export_of_a_relora_run(tmp_path):
                                            "--momentum_reset.warmup_steps", "2"]))
 
 
+def test_export_of_a_master_weights_run_writes_the_restored_fp32_weights(tmp_path):
+    """bf16 + int8 correction (master_weights_bf16): the export carries the fp32 weight the layer
+    restores from the checkpoint's correction, not the stored bf16 one (which loses the small updates)."""
+    import safetensors.torch
+    import torch.distributed.checkpoint as dcp
+
+    from slimtrain.plugins.master_weights_bf16 import KEY, restore
+    from slimtrain.titan_integration import export as ex
+
+    run = train(tmp_path, "full_rank", ["--slimtrain.methods", "master_weights_bf16"])
+    check_export(run)
+    plan = ex.plan(str(run / "run"), str(run / "unused"))
+    name = "layers.0.feed_forward.w1.weight"
+    meta = dcp.FileSystemReader(str(plan.checkpoint)).read_metadata().state_dict_metadata
+    assert meta[name].properties.dtype == torch.bfloat16
+    shape = meta[name].size
+    want = {name: torch.empty(shape, dtype=torch.bfloat16), f"optimizer.state.{name}.{KEY}": torch.empty(shape, dtype=torch.int8)}
+    dcp.load(want, checkpoint_id=str(plan.checkpoint))
+    fp32 = restore(want[name], want[f"optimizer.state.{name}.{KEY}"])
+    assert not torch.equal(fp32, want[name].float())  # the correction carries something
+    exported = safetensors.torch.load_file(str(run / "hf" / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]
+    assert torch.equal(exported, fp32)
+    info = json.loads((run / "hf" / "slimtrain_export.json").read_text())["master_weights"]
+    assert info["method"] == "master_weights_bf16" and info["missing"] == [] and info["restored"] > 0
+
+
 def check_export(run: Path) -> None:
     from slimtrain.titan_integration import export as ex
 

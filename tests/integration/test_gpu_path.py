@@ -1,7 +1,8 @@
 """The GPU path on CPU at 2 ranks: FSDP2 over gloo with the recipes' bf16 mixed precision
 (``--slimtrain.cpu_mixed_precision``: FSDP2 parameters in bf16, reduction in fp32 as the recipes set
 it) and activation checkpointing (``full`` and ``selective``, alternating over the recipes), for
-every recipe (plugins/*.toml), with restarts and merges inside the run (every 2 steps); and, in the
+every recipe (plugins/*.toml; the default run takes gpu_path_plan.DEFAULT_RECIPES, one per distinct
+machinery, and `pytest -m slow` every recipe), with restarts and merges inside the run (every 2 steps); and, in the
 same launch, ``--compile.enable`` on top for three recipes (SLTrain's custom autograd function with
 refactorization and momentum resets, selective AC; the dense model under Muon, selective AC; the 7B
 single-GPU recipe's per-layer updates, 8-bit state and APOLLO-Mini refreshes on FSDP2, full AC, which
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import pytest
 
-from .gpu_path_plan import (AC_TOL, ALL_RECIPES, BF16, BF16_TOL, COMPILE, FULL, SELECTIVE_OP, check_close,
-                            check_compile_counts, check_trains, losses, plan, run)
+from .gpu_path_plan import (AC_TOL, BF16, BF16_TOL, COMPILE, FULL, SELECTIVE_OP, check_close,
+                            check_compile_counts, check_trains, losses, plan, recipe_sets, run)
 from .helpers import run_many
 
 pytestmark = pytest.mark.integration
@@ -31,10 +32,11 @@ COMPILED_RESUME = "sltrain_7b_single_gpu"
 SINGLY = "sltrain_restarts"  # bf16 alone, full AC alone, op-level selective AC alone (eager: cheap)
 
 
-def test_every_recipe_bf16_with_activation_checkpointing_two_ranks(offline_assets, tmp_path):
+@pytest.mark.parametrize("recipes", recipe_sets())
+def test_recipes_bf16_with_activation_checkpointing_two_ranks(offline_assets, tmp_path, recipes):
     a, w = offline_assets, tmp_path
     runs, modes = [], {}
-    for i, r in enumerate(ALL_RECIPES):
+    for i, r in enumerate(recipes):
         modes[r] = "full" if i % 2 == 0 else "selective"
         gpu_path = [*BF16, "--activation_checkpoint.mode", modes[r]]
         runs += [run(f"{r}/fp32", r, a, w), run(f"{r}/straight", r, a, w, gpu_path),
@@ -57,7 +59,7 @@ def test_every_recipe_bf16_with_activation_checkpointing_two_ranks(offline_asset
             check_compile_counts(r["name"], res["compile"])
         if not r["name"].endswith("half"):
             got[r["name"]] = losses(r)
-    for r in ALL_RECIPES:
+    for r in recipes:
         fp32 = got[f"{r}/fp32"]
         check_trains(f"{r}/fp32", fp32)
         kinds = ["straight", "compiled"] if r in COMPILED else ["straight"]

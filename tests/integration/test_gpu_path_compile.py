@@ -1,6 +1,7 @@
 """``--compile.enable`` on CPU for EVERY recipe (plugins/*.toml), alone and with bf16 and activation
 checkpointing, with restarts, merges, projection refreshes and momentum resets inside the run
-(every 2 steps), at 1 rank (``torch.autocast("cpu", bfloat16)``, as on one GPU without FSDP).
+(every 2 steps; the default run takes gpu_path_plan.DEFAULT_RECIPES, one per distinct machinery,
+and `pytest -m slow` every recipe), at 1 rank (``torch.autocast("cpu", bfloat16)``, as on one GPU without FSDP).
 2 ranks (FSDP2, bf16 parameters) compiled: test_gpu_path.py, in the launch of its fp32 references.
 
 One launch (titan_integration/run_plan.py) runs every training: torch and torchtitan are imported
@@ -19,7 +20,7 @@ import pytest
 
 from .gpu_path_plan import (AC_TOL, ALL_RECIPES, BF16, BF16_TOL, COMPILE, COMPILE_TOL, FULL, SELECTIVE,
                             SELECTIVE_OP, check_close, check_compile_counts, check_trains, losses, plan,
-                            recipe_files, run)
+                            recipe_files, recipe_sets, run)
 from .helpers import run_many
 
 pytestmark = pytest.mark.integration
@@ -32,10 +33,11 @@ def test_every_recipe_has_its_nano_overrides():
     assert set(ALL_RECIPES) == recipe_files(), "a recipe in plugins/ is not in the GPU-path tests"
 
 
-def test_every_recipe_compiled_one_rank(offline_assets, tmp_path):
+@pytest.mark.parametrize("recipes", recipe_sets())
+def test_recipes_compiled_one_rank(offline_assets, tmp_path, recipes):
     a, w = offline_assets, tmp_path
     runs = []
-    for r in ALL_RECIPES:
+    for r in recipes:
         runs += [run(f"{r}/fp32", r, a, w), run(f"{r}/gpu", r, a, w, GPU)]
     # singly and in the other combinations, on the two recipes with the most machinery: SLTrain's
     # custom autograd function with refactorization and momentum resets; the 7B recipe's
@@ -60,7 +62,7 @@ def test_every_recipe_compiled_one_rank(offline_assets, tmp_path):
         if r["compiled"]:
             check_compile_counts(r["name"], res["compile"])
         got[r["name"]] = losses(r)
-    for r in ALL_RECIPES:
+    for r in recipes:
         check_trains(f"{r}/fp32", got[f"{r}/fp32"])
         check_trains(f"{r}/gpu", got[f"{r}/gpu"])
         check_close(f"{r}/gpu", got[f"{r}/gpu"], got[f"{r}/fp32"], BF16_TOL, must_differ=True)

@@ -4,26 +4,35 @@ on a real training step of the tiny torchtitan LLaMA in fp32, for the issue's co
 during each block's backward (the model's ``block i`` moments). The cases are chosen so the peak
 falls in each modelled moment: the optimizer step (with and without 8-bit state), the loss
 (activation-heavy batches, with none / selective / full checkpointing), and the per-layer step of
-the output weight. 60m and every AC mode: benchmarks/memory_tracker.py."""
+the output weight. Three of the eight cases run in the slow set (`pytest -m slow`). 60m and every AC
+mode: benchmarks/memory_tracker.py."""
 
 from __future__ import annotations
 
 import pytest
 
+SLOW = pytest.mark.slow
 CASES = [  # recipe, activation checkpointing, batch, seq_len, the moment the model puts the peak at
     ("full_rank", "none", 2, 32, "step"),
     ("galore", "selective", 4, 128, "loss"),
     ("galore + state_8bit", "none", 2, 32, "step"),
-    ("galore + per_layer_updates", "full", 4, 128, "loss"),
-    ("sltrain + apollo_mini + state_8bit + per_layer_updates", "full", 2, 64, "step output.weight"),
+    pytest.param("galore + per_layer_updates", "full", 4, 128, "loss", marks=SLOW),
+    pytest.param("sltrain + apollo_mini + state_8bit + per_layer_updates", "full", 2, 64, "step output.weight",
+                 marks=SLOW),
     # the example memory layer (examples/slimtrain-bf16-memory-layer), registered from its folder
     ("galore + bf16_state (example)", "none", 2, 32, "step"),
-    # per-layer updates with 3 micro-batches: GaLore's r x n buffers; the 7B recipe's composition with
-    # APOLLO-Mini's projected accumulation (the two: 12 s on the 2-core machine)
-    ("galore + per_layer_updates (3 micro-batches)", "none", 2, 32, "step output.weight"),
+    # per-layer updates with 3 micro-batches: GaLore's r x n buffers (slow set); the 7B recipe's
+    # composition with APOLLO-Mini's projected accumulation (default: it covers the per-layer step of
+    # the output weight the two slow per-layer cases also reach)
+    pytest.param("galore + per_layer_updates (3 micro-batches)", "none", 2, 32, "step output.weight", marks=SLOW),
     ("sltrain + apollo_mini (projected) + state_8bit + per_layer_updates (3 micro-batches)", "full", 2, 64,
      "step output.weight"),
 ]
+
+
+def _case_id(case) -> str:
+    values = case.values if hasattr(case, "values") else case
+    return f"{values[0]}-{values[1]}"
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +54,7 @@ def unfused_codec(monkeypatch):
     monkeypatch.setitem(quant8_fused._state, "off", True)
 
 
-@pytest.mark.parametrize("recipe,ac,batch,seq_len,phase", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize("recipe,ac,batch,seq_len,phase", CASES, ids=[_case_id(c) for c in CASES])
 def test_model_matches_memtracker(recipe, ac, batch, seq_len, phase):
     pytest.importorskip("torch.distributed._tools.mem_tracker")
     from benchmarks.memory_tracker import CATEGORIES, compare, error
