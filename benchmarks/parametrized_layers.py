@@ -36,9 +36,13 @@ SIZES = {
 METHODS = ("dense", "low_rank", "lora", "sltrain")
 
 
-def shapes(size: str) -> list[tuple[str, int, int]]:
+LAYER_KEYS = ("attn_wq", "ffn_w1", "ffn_w2")
+
+
+def shapes(size: str, layers: list[str] | None = None) -> list[tuple[str, int, int]]:
     d, f = SIZES[size]["d"], SIZES[size]["f"]
-    return [("attn wq", d, d), ("ffn w1", f, d), ("ffn w2", d, f)]
+    every = [("attn wq", d, d), ("ffn w1", f, d), ("ffn w2", d, f)]
+    return every if layers is None else [s for s in every if s[0].replace(" ", "_") in layers]
 
 
 def run_case(size: str, m: int, n: int, method: str, tokens: int, reps: int, device: str, dtype_name: str) -> dict:
@@ -127,6 +131,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per step (default: 4096 at 60M, 1024 at 1B on CPU)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sizes", default="60M,1B")
+    ap.add_argument("--layers", default=None,
+                    help="comma list of the layers to run, of " + ", ".join(LAYER_KEYS) + " (default: all; "
+                    "gpu_check's CPU smoke runs one: each case is a fresh process, ~3 s on CPU)")
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/parametrized_layers.md"), help="markdown file, or - for stdout")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -135,12 +142,19 @@ def main() -> None:
         print(json.dumps(run_case(size, int(m), int(n), method, int(tokens), args.reps, args.device, args.dtype)))
         return
 
+    layers = None
+    if args.layers:
+        layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+        bad = [x for x in layers if x not in LAYER_KEYS]
+        if bad or not layers:
+            ap.error(f"--layers {args.layers!r}: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(LAYER_KEYS)}")
+
     import torch
 
     rows = []
     for size in args.sizes.split(","):
         tokens = args.tokens or (4096 if size == "60M" else 1024)
-        for label, m, n in shapes(size):
+        for label, m, n in shapes(size, layers):
             results = {}
             for method in METHODS:
                 cmd = [sys.executable, __file__, "--case", f"{size},{m},{n},{method},{tokens}", "--reps", str(args.reps),

@@ -132,7 +132,8 @@ def plan(out: Path, smoke: bool) -> list[Step]:
         flavor60, flavor1b, flavor7b, steps, batch, seq, rank = "nano", "nano", "nano", 3, 2, 32, 8
         recipes60, speed = ["sltrain_restarts", "galore"], ["galore", "apollo_mini"]  # the smoke checks the script
         refresh = ["--shapes", "96x64,64x96", "--rank", "8", "--repeats", "1"]
-        layers = ["--device", "cpu", "--dtype", "bfloat16", "--sizes", "nano", "--tokens", "32", "--reps", "1"]
+        layers = ["--device", "cpu", "--dtype", "bfloat16", "--sizes", "nano", "--layers", "attn_wq", "--tokens", "32",
+                  "--reps", "1"]
         compile_flags = ()
         quant8 = ["--flavors", "nano", "--rounds", "1", "--warmup", "1", "--device", "cpu"]
         # the memory model knows the paper flavors only: its smallest stands in for nano
