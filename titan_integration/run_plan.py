@@ -10,7 +10,9 @@ same ``SlimTrainer``), keeping the process group alive between runs (torchtitan 
 re-initializing it). Only torchtitan's 2 s sleep is removed. Between runs torch._dynamo is reset,
 so every run compiles its own model as a fresh process would, and its compile counts are its own.
 
-PLAN.json: {"results": PATH, "runs": [{"name": str, "args": [...], "env": {...}}]}; rank 0 writes
+PLAN.json: {"results": PATH, "runs": [{"name": str, "args": [...], "env": {...}, "log_file": PATH}]}
+("env" and "log_file" optional; "log_file": the run's own log records, as the process logs them,
+written by rank 0 - the launch's output holds every run's); rank 0 writes
 [{"name", "ok", "error", "seconds", "compile"}] to PATH after EVERY run (so a launch killed by a
 time limit keeps the finished runs). "compile": frames compiled, graphs, graph breaks (by reason)
 and recompilations (from torch._dynamo's "recompiles" log).
@@ -71,6 +73,17 @@ def _remember_tyro_source_misses() -> None:
 
     make_or_known_miss._slimtrain_misses = misses
     tokenization.make = staticmethod(make_or_known_miss)
+
+
+def _run_log_handler(path: str | None) -> logging.Handler | None:
+    """A handler on the root logger (torchtitan's, and slimtrain's loggers propagate to it) that
+    writes this run's records to ``path``, on rank 0 only."""
+    if not path or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(name)s - %(levelname)s - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _free_memory() -> None:
@@ -166,6 +179,7 @@ def main() -> None:
         trainer = None
         started = time.perf_counter()
         _reset_compile_state()
+        run_log = _run_log_handler(run.get("log_file"))
         try:
             config = ConfigManager().parse_args(complete_argv(run["args"]))
             trainer = SlimTrainer(config)
@@ -177,6 +191,9 @@ def main() -> None:
             if trainer is not None:
                 trainer.close()
             trainer = None
+            if run_log is not None:
+                logging.getLogger().removeHandler(run_log)
+                run_log.close()
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)

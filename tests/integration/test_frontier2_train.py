@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from .helpers import RECIPE_OVERRIDES, ROOT, offline_args, read_log, run_many
+from .helpers import RECIPE_OVERRIDES, ROOT, offline_args, read_log
+from .shared_launch import planner
 
 pytestmark = pytest.mark.integration
 
@@ -52,25 +53,37 @@ def resume_plan(name: str, args: list[str], root) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
-def test_train_and_resume_bitwise(offline_assets, tmp_path, nproc):
+def _plan(assets, work, nproc):
     runs = []
     for name, (recipe, extra) in VARIANTS.items():
-        base = ["--job.config_file", str(ROOT / "plugins" / f"{recipe}.toml"), *offline_args(offline_assets),
+        base = ["--job.config_file", str(ROOT / "plugins" / f"{recipe}.toml"), *offline_args(assets),
                 *(without_methods(RECIPE_OVERRIDES[recipe]) if "--slimtrain.methods" in extra else RECIPE_OVERRIDES[recipe]),
                 *extra]
-        runs += resume_plan(name, base, tmp_path)
+        runs += resume_plan(name, base, work)
     bad = []
     if nproc == 1:
         for recipe, key, value in (("adam_mini", "head_dim", "5"), ("sinkgd", "iterations", "0"),
                                    ("stable_spam", "gamma3", "1.0")):
-            folder = tmp_path / f"bad_{recipe}"
+            folder = work / f"bad_{recipe}"
             bad.append((folder, f"[{recipe}] {key} = ", {
                 "name": f"bad/{recipe}",
-                "args": ["--job.config_file", str(ROOT / "plugins" / f"{recipe}.toml"), *offline_args(offline_assets),
+                "args": ["--job.config_file", str(ROOT / "plugins" / f"{recipe}.toml"), *offline_args(assets),
                          "--training.steps", "1", f"--{recipe}.{key}", value, "--job.dump_folder", str(folder)],
             }))
-    results = run_many(nproc, runs + [b[2] for b in bad], tmp_path, timeout=900)
+    return runs, bad
+
+
+@planner("frontier2_train")
+def plan(assets, work, nproc):
+    runs, bad = _plan(assets, work, nproc)
+    return runs + [b[2] for b in bad]
+
+
+@pytest.mark.launch("frontier2_train")
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
+def test_train_and_resume_bitwise(launched, offline_assets, nproc):
+    results, tmp_path = launched
+    runs, bad = _plan(offline_assets, tmp_path, nproc)
     for run in runs:
         assert results[run["name"]]["ok"], (run["name"], results[run["name"]]["error"])
     for name in VARIANTS:

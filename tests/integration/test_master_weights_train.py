@@ -1,8 +1,8 @@
 """master_weights_bf16 through the user's training command (run_many runs each training as
 titan_integration/train.py does) at the nano flavor: bf16 + int8-correction master weights with AdamW,
 with GaLore + 8-bit state + per-layer updates, and with SinkGD train and resume bitwise at 1 and 2
-ranks (FSDP2; by default AdamW and SinkGD at 1 rank, the GaLore composition at 2, about a minute
-on 2 loaded cores; the rest of the matrix with ``-m slow``: all of it passed on 2026-12-06); a recipe with a step hook that writes weights (ReLoRA's merge) is refused before
+ranks (FSDP2; every variant at both rank counts: in the session's shared launch they cost their
+trainings only); a recipe with a step hook that writes weights (ReLoRA's merge) is refused before
 the model."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from .helpers import RECIPE_OVERRIDES, ROOT, offline_args, read_log, run_many
+from .helpers import RECIPE_OVERRIDES, ROOT, offline_args, read_log
+from .shared_launch import planner
 from .test_frontier2_train import HALF, STEPS, resume_plan, without_methods
 
 pytestmark = pytest.mark.integration
@@ -36,34 +37,38 @@ def checkpoint_dtypes(dump_folder) -> dict:
     return {k.removeprefix("model."): m.properties.dtype for k, m in meta.items() if hasattr(m, "properties")}
 
 
-#: which variants each rank count runs by default (the whole matrix: ``-m slow``); kept cheap for CI
-DEFAULT = {1: ["adamw_master", "sinkgd_master"], 2: ["galore_master_8bit_per_layer"]}
-
-
-@pytest.mark.parametrize("nproc,variants", [
-    pytest.param(1, DEFAULT[1], id="1rank"),
-    pytest.param(2, DEFAULT[2], id="2ranks"),
-    pytest.param(1, [v for v in VARIANTS if v not in DEFAULT[1]], id="1rank-rest", marks=pytest.mark.slow),
-    pytest.param(2, [v for v in VARIANTS if v not in DEFAULT[2]], id="2ranks-rest", marks=pytest.mark.slow),
-])
-def test_master_weights_train_and_resume_bitwise(offline_assets, tmp_path, nproc, variants):
+def _plan(assets, work, nproc, variants):
     runs = []
     for name in variants:
         recipe, extra = VARIANTS[name]
-        base = ["--job.config_file", str(ROOT / "plugins" / f"{recipe}.toml"), *offline_args(offline_assets),
+        base = ["--job.config_file", str(ROOT / "plugins" / f"{recipe}.toml"), *offline_args(assets),
                 *without_methods(RECIPE_OVERRIDES[recipe]), *extra]
-        runs += resume_plan(name, base, tmp_path)
+        runs += resume_plan(name, base, work)
     bad = []
-    if nproc == 1 and variants == DEFAULT[1]:
-        folder = tmp_path / "bad_relora"
+    if nproc == 1:
+        folder = work / "bad_relora"
         bad.append((folder, "[master_weights_bf16] methods = ", {
             "name": "bad/relora",
-            "args": ["--job.config_file", str(ROOT / "plugins" / "relora.toml"), *offline_args(offline_assets),
+            "args": ["--job.config_file", str(ROOT / "plugins" / "relora.toml"), *offline_args(assets),
                      *without_methods(RECIPE_OVERRIDES["relora"]), "--training.steps", "1",
                      "--slimtrain.methods", "lora,lora_merge,momentum_reset,master_weights_bf16",
                      "--job.dump_folder", str(folder)],
         }))
-    results = run_many(nproc, runs + [b[2] for b in bad], tmp_path, timeout=900)
+    return runs, bad
+
+
+@planner("master_weights_train")
+def plan(assets, work, nproc):
+    runs, bad = _plan(assets, work, nproc, list(VARIANTS))
+    return runs + [b[2] for b in bad]
+
+
+@pytest.mark.launch("master_weights_train")
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
+def test_master_weights_train_and_resume_bitwise(launched, offline_assets, nproc):
+    results, tmp_path = launched
+    variants = list(VARIANTS)
+    runs, bad = _plan(offline_assets, tmp_path, nproc, variants)
     for run in runs:
         assert results[run["name"]]["ok"], (run["name"], results[run["name"]]["error"])
     for name in variants:

@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from .helpers import ROOT, offline_args, read_log, resume_runs, run_many
+from .helpers import ROOT, offline_args, read_log, resume_runs
+from .shared_launch import planner
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +33,20 @@ def recipe_toml(tmp_path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
-def test_memory_layers_train_and_resume_bitwise(offline_assets, tmp_path, nproc):
-    base = ["--job.config_file", recipe_toml(tmp_path), *offline_args(offline_assets)]
-    runs = [
-        *resume_runs(base, tmp_path, STEPS, HALF),
+@planner("memory_layers")
+def plan_memory_layers(assets, work):
+    base = ["--job.config_file", recipe_toml(work), *offline_args(assets)]
+    return [
+        *resume_runs(base, work, STEPS, HALF),
         {"name": "clipping", "args": [*base, "--training.steps", "1", "--training.max_norm", "1.0",
-                                      "--job.dump_folder", str(tmp_path / "clip")]},
+                                      "--job.dump_folder", str(work / "clip")]},
     ]
-    results = run_many(nproc, runs, tmp_path)
+
+
+@pytest.mark.launch("memory_layers")
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
+def test_memory_layers_train_and_resume_bitwise(launched, nproc):
+    results, tmp_path = launched
     for kind in ("straight", "half", "resume"):
         assert results[kind]["ok"], results[kind]["error"]
     a, _ = read_log(tmp_path / "straight.jsonl")
@@ -52,21 +58,26 @@ def test_memory_layers_train_and_resume_bitwise(offline_assets, tmp_path, nproc)
     assert re.search(r"\[per_layer_updates\] training.max_norm = 1.0", results["clipping"]["error"])
 
 
+@planner("per_layer_accumulation")
+def plan_per_layer_accumulation(assets, work, nproc):
+    base = ["--job.config_file", str(ROOT / "plugins" / "full_rank.toml"), *offline_args(assets),
+            "--training.global_batch_size", str(2 * 4 * nproc), "--training.max_norm", "0"]
+    per_layer = [*base, "--slimtrain.methods", "adamw,per_layer_updates"]
+    plain = work / "plain"
+    return [
+        {"name": "plain", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(plain),
+                                   "--slimtrain.loss_log", f"{plain}.jsonl"]},
+        *resume_runs(per_layer, work, STEPS, HALF),
+    ]
+
+
+@pytest.mark.launch("per_layer_accumulation")
 @pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
-def test_per_layer_updates_with_accumulation_equal_the_plain_accumulated_step(offline_assets, tmp_path, nproc):
+def test_per_layer_updates_with_accumulation_equal_the_plain_accumulated_step(launched, nproc):
     """Two micro-batches per step (global batch = 2 x local x ranks) through the training command:
     per-layer updates step after the last one, so the losses equal AdamW's plain accumulated steps
     (to 1e-6), and a resume is bitwise; max_norm = 0 means no clipping for both."""
-    base = ["--job.config_file", str(ROOT / "plugins" / "full_rank.toml"), *offline_args(offline_assets),
-            "--training.global_batch_size", str(2 * 4 * nproc), "--training.max_norm", "0"]
-    per_layer = [*base, "--slimtrain.methods", "adamw,per_layer_updates"]
-    plain = tmp_path / "plain"
-    runs = [
-        {"name": "plain", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder", str(plain),
-                                   "--slimtrain.loss_log", f"{plain}.jsonl"]},
-        *resume_runs(per_layer, tmp_path, STEPS, HALF),
-    ]
-    results = run_many(nproc, runs, tmp_path)
+    results, tmp_path = launched
     for kind in ("plain", "straight", "half", "resume"):
         assert results[kind]["ok"], results[kind]["error"]
     p, _ = read_log(tmp_path / "plain.jsonl")
@@ -87,26 +98,30 @@ PROJECTED = ["--slimtrain.methods", "galore,apollo_mini", "--galore.rank", "8", 
              "--apollo_mini.update_proj_gap", "2"]
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["1rank", "2ranks"])
-def test_projected_accumulation_through_the_training_command(offline_assets, tmp_path, nproc):
+@planner("projected_accumulation")
+def plan_projected_accumulation(assets, work, nproc):
+    base = ["--job.config_file", str(ROOT / "plugins" / "galore.toml"), *offline_args(assets),
+            "--training.global_batch_size", str(2 * 4 * nproc), "--training.max_norm", "0"]
+    plain = work / "plain"
+    per_layer = [*base, *PROJECTED[:1], "galore,apollo_mini,per_layer_updates", *PROJECTED[2:],
+                 "--apollo_mini.accumulation", "projected"]
+    return [
+        {"name": "plain", "args": [*base, *PROJECTED, "--training.steps", str(STEPS), "--job.dump_folder", str(plain),
+                                   "--slimtrain.loss_log", f"{plain}.jsonl"]},
+        *resume_runs(per_layer, work, STEPS, HALF),
+    ]
+
+
+@pytest.mark.launch("projected_accumulation")
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
+def test_projected_accumulation_through_the_training_command(launched, nproc):
     """Two micro-batches per step with GaLore + APOLLO-Mini keeping projected buffers: trains and
     resumes bitwise at 1 and 2 FSDP2 ranks. Against the plain accumulated step (no per-layer updates,
     APOLLO-Mini accumulation = "full"): step 1's loss equal (before any update), later ones apart by
     the refresh choice (GaLore's step-1 projection from the first micro-batch) and APOLLO-Mini's
-    last-micro-batch estimate, within the bound measured in docs/methods/memory-layers.md. The
-    2-rank launch is slow (~85 s on the loaded 2-core machine); its default-run counterpart is
-    tests/optim/test_per_layer_updates.py's FSDP2 accumulation test (1 and 2 gloo ranks)."""
-    base = ["--job.config_file", str(ROOT / "plugins" / "galore.toml"), *offline_args(offline_assets),
-            "--training.global_batch_size", str(2 * 4 * nproc), "--training.max_norm", "0"]
-    plain = tmp_path / "plain"
-    per_layer = [*base, *PROJECTED[:1], "galore,apollo_mini,per_layer_updates", *PROJECTED[2:],
-                 "--apollo_mini.accumulation", "projected"]
-    runs = [
-        {"name": "plain", "args": [*base, *PROJECTED, "--training.steps", str(STEPS), "--job.dump_folder", str(plain),
-                                   "--slimtrain.loss_log", f"{plain}.jsonl"]},
-        *resume_runs(per_layer, tmp_path, STEPS, HALF),
-    ]
-    results = run_many(nproc, runs, tmp_path)
+    last-micro-batch estimate, within the bound measured in docs/methods/memory-layers.md. (The
+    2-rank case, slow as a launch of its own, runs by default since it shares the session's launch.)"""
+    results, tmp_path = launched
     for kind in ("plain", "straight", "half", "resume"):
         assert results[kind]["ok"], results[kind]["error"]
     p, _ = read_log(tmp_path / "plain.jsonl")

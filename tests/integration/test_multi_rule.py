@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from .helpers import ROOT, offline_args, read_log, run_many
+from .helpers import ROOT, offline_args, read_log
+from .shared_launch import planner
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +40,12 @@ def recipe_toml(tmp_path, name: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
-def test_disjoint_optimizer_methods_train_and_resume_bitwise(offline_assets, tmp_path, nproc):
+@planner("multi_rule")
+def plan(assets, work):
     runs = []
     for name in RECIPES:
-        base = ["--job.config_file", recipe_toml(tmp_path, name), *offline_args(offline_assets)]
-        straight, resumed = tmp_path / f"{name}_straight", tmp_path / f"{name}_resumed"
+        base = ["--job.config_file", recipe_toml(work, name), *offline_args(assets)]
+        straight, resumed = work / f"{name}_straight", work / f"{name}_resumed"
         runs += [
             {"name": f"{name}/straight", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder",
                                                    str(straight), "--slimtrain.loss_log", f"{straight}.jsonl"]},
@@ -54,8 +55,14 @@ def test_disjoint_optimizer_methods_train_and_resume_bitwise(offline_assets, tmp
             {"name": f"{name}/resume", "args": [*base, "--training.steps", str(STEPS), "--job.dump_folder",
                                                  str(resumed), "--slimtrain.loss_log", f"{resumed}.jsonl"]},
         ]
-    results = run_many(nproc, runs, tmp_path)
-    log = (tmp_path / "run_many.log").read_text()
+    return [{**run, "log_file": str(work / (run["name"].replace("/", "_") + ".log"))} for run in runs]
+
+
+@pytest.mark.launch("multi_rule")
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
+def test_disjoint_optimizer_methods_train_and_resume_bitwise(launched, nproc):
+    results, tmp_path = launched
+    log = (tmp_path / "galore_attn_fira_mlp_straight.log").read_text() + (tmp_path / "sltrain_galore_factors_straight.log").read_text()
     for name in RECIPES:
         for kind in ("straight", "half", "resume"):
             assert results[f"{name}/{kind}"]["ok"], results[f"{name}/{kind}"]["error"]

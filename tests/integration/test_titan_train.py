@@ -19,9 +19,9 @@ from .helpers import (
     offline_args,
     python,
     read_log,
-    run_many,
     torchrun,
 )
+from .shared_launch import planner
 
 pytestmark = pytest.mark.integration
 
@@ -71,37 +71,45 @@ def _check_recipes(results, recipes, work) -> None:
         assert all(v["val_perplexity"] == pytest.approx(math.exp(v["val_loss"])) for v in straight_val)
 
 
-def test_every_recipe_resumes_exactly_one_rank_and_faults(offline_assets, tmp_path):
-    """1 rank: all recipes (straight == half + resume, bitwise); plus, in the same launch, a NaN
-    loss stop that keeps the last good checkpoint, a resume from it, a tokenizer larger than the
-    flavor's vocabulary, and bad compositions failing with the registry's message."""
-    from slimtrain.registry import CompositionError, ConfigError, compose
+BAD_COMPOSITIONS = {
+    "unknown_method": (["--slimtrain.methods", "nosuch"], (["nosuch"], {})),
+    "two_parametrizations": (["--slimtrain.methods", "sltrain,low_rank"], (["sltrain", "low_rank"], {})),
+    "missing_requirement": (["--slimtrain.methods", "refactorization"], (["refactorization"], {})),
+    "bad_value": (["--slimtrain.methods", "sltrain", "--sltrain.delta", "2.0"],
+                  (["sltrain"], {"sltrain": {"delta": 2.0}})),
+}
 
-    a = offline_assets
-    recipes = list(RECIPE_OVERRIDES)
-    runs = _recipe_runs(recipes, a, tmp_path)
 
-    nan_dir = tmp_path / "nan"
+@planner("every_recipe_one_rank")
+def plan_one_rank(assets, work):
+    a = assets
+    runs = _recipe_runs(list(RECIPE_OVERRIDES), a, work)
+    nan_dir = work / "nan"
     nan_args = ["--job.config_file", "plugins/sltrain.toml", *offline_args(a), "--sltrain.rank", "8",
                 "--training.steps", "8", "--job.dump_folder", str(nan_dir)]
     runs.append({"name": "nan", "args": nan_args, "env": {FAULT_ENV: "5"}})
     runs.append({"name": "after_nan", "args": nan_args})
     big = [*offline_args(a), "--model.hf_assets_path", str(a["big_tokenizer"])]
     runs.append({"name": "big_vocab", "args": ["--job.config_file", "plugins/full_rank.toml", *big,
-                                               "--training.steps", "2", "--job.dump_folder", str(tmp_path / "big")]})
-    bad = {
-        "unknown_method": (["--slimtrain.methods", "nosuch"], (["nosuch"], {})),
-        "two_parametrizations": (["--slimtrain.methods", "sltrain,low_rank"], (["sltrain", "low_rank"], {})),
-        "missing_requirement": (["--slimtrain.methods", "refactorization"], (["refactorization"], {})),
-        "bad_value": (["--slimtrain.methods", "sltrain", "--sltrain.delta", "2.0"],
-                      (["sltrain"], {"sltrain": {"delta": 2.0}})),
-    }
-    for name, (cli, _) in bad.items():
+                                               "--training.steps", "2", "--job.dump_folder", str(work / "big")]})
+    for name, (cli, _) in BAD_COMPOSITIONS.items():
         runs.append({"name": name, "args": ["--job.config_file", "plugins/full_rank.toml", *offline_args(a),
-                                            "--training.steps", "2", "--job.dump_folder", str(tmp_path / name),
+                                            "--training.steps", "2", "--job.dump_folder", str(work / name),
                                             *cli]})
+    return runs
 
-    results = run_many(1, runs, tmp_path)
+
+@pytest.mark.launch("every_recipe_one_rank", nproc=1)
+def test_every_recipe_resumes_exactly_one_rank_and_faults(launched):
+    """1 rank: all recipes (straight == half + resume, bitwise); plus, in the same launch, a NaN
+    loss stop that keeps the last good checkpoint, a resume from it, a tokenizer larger than the
+    flavor's vocabulary, and bad compositions failing with the registry's message."""
+    from slimtrain.registry import CompositionError, ConfigError, compose
+
+    results, tmp_path = launched
+    recipes = list(RECIPE_OVERRIDES)
+    nan_dir = tmp_path / "nan"
+    bad = BAD_COMPOSITIONS
     _check_recipes(results, recipes, tmp_path)
 
     # non-finite loss: stops at step 5 with a message, before writing anything for that step
@@ -124,22 +132,28 @@ def test_every_recipe_resumes_exactly_one_rank_and_faults(offline_assets, tmp_pa
         assert not (tmp_path / name / "checkpoint").exists()
 
 
-def test_every_recipe_resumes_exactly_two_ranks(offline_assets, tmp_path):
-    """2 ranks (FSDP2 over gloo): all recipes resume bitwise; a NaN loss stops both ranks; TP with a
-    parametrizing method is refused."""
-    a = offline_assets
-    recipes = list(RECIPE_OVERRIDES)
-    runs = _recipe_runs(recipes, a, tmp_path)
+@planner("every_recipe_two_ranks")
+def plan_two_ranks(assets, work):
+    a = assets
+    runs = _recipe_runs(list(RECIPE_OVERRIDES), a, work)
     runs.append({"name": "tp", "args": ["--job.config_file", "plugins/sltrain.toml", *offline_args(a),
                                         "--sltrain.rank", "8", "--training.steps", "2",
                                         "--parallelism.tensor_parallel_degree", "2",
                                         "--parallelism.data_parallel_shard_degree", "1",
-                                        "--job.dump_folder", str(tmp_path / "tp")]})
-    nan_dir = tmp_path / "nan"
+                                        "--job.dump_folder", str(work / "tp")]})
     runs.append({"name": "nan", "env": {FAULT_ENV: "3"},
                  "args": ["--job.config_file", "plugins/lora.toml", *offline_args(a), "--lora.rank", "8",
-                          "--training.steps", "4", "--job.dump_folder", str(nan_dir)]})
-    results = run_many(2, runs, tmp_path)
+                          "--training.steps", "4", "--job.dump_folder", str(work / "nan")]})
+    return runs
+
+
+@pytest.mark.launch("every_recipe_two_ranks", nproc=2)
+def test_every_recipe_resumes_exactly_two_ranks(launched):
+    """2 ranks (FSDP2 over gloo): all recipes resume bitwise; a NaN loss stops both ranks; TP with a
+    parametrizing method is refused."""
+    results, tmp_path = launched
+    recipes = list(RECIPE_OVERRIDES)
+    nan_dir = tmp_path / "nan"
     _check_recipes(results, recipes, tmp_path)
     # the NaN is all-reduced: both ranks stop at the same step, before writing step 3
     assert not results["nan"]["ok"] and "step 3" in results["nan"]["error"]
