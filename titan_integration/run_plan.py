@@ -60,15 +60,16 @@ def _remember_tyro_source_misses() -> None:
     make = getattr(tokenization, "make", None)
     if make is None or getattr(make, "_slimtrain_misses", None) is not None:
         return
-    misses: dict[type, OSError] = {}
+    misses: dict[tuple[str, str], str] = {}  # (module, qualname) -> the message: no class, no traceback kept
 
     def make_or_known_miss(clz):
-        if clz in misses:
-            raise misses[clz]
+        key = (getattr(clz, "__module__", ""), getattr(clz, "__qualname__", repr(clz)))
+        if key in misses:
+            raise OSError(misses[key])
         try:
             return make(clz)
         except OSError as exc:
-            misses[clz] = exc
+            misses[key] = str(exc)
             raise
 
     make_or_known_miss._slimtrain_misses = misses
@@ -89,7 +90,6 @@ def _run_log_handler(path: str | None) -> logging.Handler | None:
 def _free_memory() -> None:
     """Drop the finished run's model, optimizer and compiled code before the next run (whose peak
     memory is measured from torchtitan's monitor, which resets the allocator's peak when it is built)."""
-
     import torch
     import torch._dynamo
 

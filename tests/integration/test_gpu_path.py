@@ -22,7 +22,7 @@ import pytest
 
 from .gpu_path_plan import (AC_TOL, BF16, BF16_TOL, COMPILE, FULL, SELECTIVE_OP, check_close,
                             check_compile_counts, check_trains, losses, plan, recipe_sets, run)
-from .helpers import run_many
+from .shared_launch import planner
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +32,7 @@ COMPILED_RESUME = "sltrain_7b_single_gpu"
 SINGLY = "sltrain_restarts"  # bf16 alone, full AC alone, op-level selective AC alone (eager: cheap)
 
 
-@pytest.mark.parametrize("recipes", recipe_sets())
-def test_recipes_bf16_with_activation_checkpointing_two_ranks(offline_assets, tmp_path, recipes):
-    a, w = offline_assets, tmp_path
+def _runs(a, w, recipes):
     runs, modes = [], {}
     for i, r in enumerate(recipes):
         modes[r] = "full" if i % 2 == 0 else "selective"
@@ -50,7 +48,20 @@ def test_recipes_bf16_with_activation_checkpointing_two_ranks(offline_assets, tm
     s = SINGLY
     runs += [run(f"{s}/bf16", s, a, w, BF16), run(f"{s}/full", s, a, w, FULL),
              run(f"{s}/selective_op", s, a, w, SELECTIVE_OP)]
-    results = run_many(2, plan(runs), w, timeout=900)
+    return runs, modes
+
+
+@planner("gpu_path_two_ranks")
+def plan_two_ranks(assets, work, recipes):
+    return plan(_runs(assets, work, recipes)[0])
+
+
+@pytest.mark.launch("gpu_path_two_ranks", nproc=2)
+@pytest.mark.parametrize("recipes", recipe_sets())
+def test_recipes_bf16_with_activation_checkpointing_two_ranks(launched, offline_assets, recipes):
+    results, w = launched
+    runs, modes = _runs(offline_assets, w, recipes)
+    s = SINGLY
     got = {}
     for r in runs:
         res = results[r["name"]]

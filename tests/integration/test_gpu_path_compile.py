@@ -4,8 +4,8 @@ checkpointing, with restarts, merges, projection refreshes and momentum resets i
 and `pytest -m slow` every recipe), at 1 rank (``torch.autocast("cpu", bfloat16)``, as on one GPU without FSDP).
 2 ranks (FSDP2, bf16 parameters) compiled: test_gpu_path.py, in the launch of its fp32 references.
 
-One launch (titan_integration/run_plan.py) runs every training: torch and torchtitan are imported
-once, dynamo is reset between runs (each run compiles its own model, and its counts are its own), and
+The session's shared 1-rank launch (tests/integration/shared_launch.py, titan_integration/run_plan.py)
+runs every training: torch and torchtitan are imported once, dynamo is reset between runs (each run compiles its own model, and its counts are its own), and
 inductor's on-disk cache serves the recipes whose compiled graph is another's (the dense model of
 full_rank, GaLore, Fira, APOLLO, Muon, SCALE; LoRA's of lora and relora; SLTrain's of the three SLTrain
 recipes). What is covered and what is not: docs/gpu-path.md.
@@ -21,7 +21,7 @@ import pytest
 from .gpu_path_plan import (AC_TOL, ALL_RECIPES, BF16, BF16_TOL, COMPILE, COMPILE_TOL, FULL, SELECTIVE,
                             SELECTIVE_OP, check_close, check_compile_counts, check_trains, losses, plan,
                             recipe_files, recipe_sets, run)
-from .helpers import run_many
+from .shared_launch import planner
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +33,7 @@ def test_every_recipe_has_its_nano_overrides():
     assert set(ALL_RECIPES) == recipe_files(), "a recipe in plugins/ is not in the GPU-path tests"
 
 
-@pytest.mark.parametrize("recipes", recipe_sets())
-def test_recipes_compiled_one_rank(offline_assets, tmp_path, recipes):
-    a, w = offline_assets, tmp_path
+def _runs(a, w, recipes):
     runs = []
     for r in recipes:
         runs += [run(f"{r}/fp32", r, a, w), run(f"{r}/gpu", r, a, w, GPU)]
@@ -51,7 +49,21 @@ def test_recipes_compiled_one_rank(offline_assets, tmp_path, recipes):
              run(f"{p}/gpu_resume", p, a, w, GPU, STEPS, "resumed", checkpoint=True)]
     # bad input through the training command: refused before the model (no dump folder written)
     bad = run("bad/selective_option", "full_rank", a, w, [*SELECTIVE, "--activation_checkpoint.selective_ac_option", "0"])
-    results = run_many(1, plan([*runs, bad]), w, timeout=900)
+    return runs, bad
+
+
+@planner("gpu_path_compiled_one_rank")
+def plan_one_rank(assets, work, recipes):
+    runs, bad = _runs(assets, work, recipes)
+    return plan([*runs, bad])
+
+
+@pytest.mark.launch("gpu_path_compiled_one_rank", nproc=1)
+@pytest.mark.parametrize("recipes", recipe_sets())
+def test_recipes_compiled_one_rank(launched, offline_assets, recipes):
+    results, w = launched
+    runs, bad = _runs(offline_assets, w, recipes)
+    s, p = "sltrain_restarts", "sltrain_7b_single_gpu"
 
     assert not results[bad["name"]]["ok"] and "selective_ac_option = '0'" in results[bad["name"]]["error"]
     assert not (w / "bad_selective_option").exists()
