@@ -17,19 +17,45 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from .helpers import ROOT, env, read_log, torchrun  # noqa: E402
+from .shared_launch import planner  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
-def train(root: Path, recipe: str, overrides: list[str]) -> Path:
-    proc = torchrun(1, "titan_integration/train.py", [
+def train_args(root: Path, recipe: str, overrides: list[str]) -> list[str]:
+    return [
         "--job.config_file", f"plugins/{recipe}.toml", "--model.flavor", "nano", "--training.steps", "12",
         "--checkpoint.interval", "6", "--training.seq_len", "64", "--validation.seq_len", "64",
         "--validation.freq", "12", "--job.dump_folder", str(root / "run"), "--slimtrain.loss_log", str(root / "log.jsonl"),
         *overrides,
-    ])
+    ]
+
+
+def train(root: Path, recipe: str, overrides: list[str]) -> Path:
+    """The user's command itself (the other recipes train in the session's shared launch)."""
+    proc = torchrun(1, "titan_integration/train.py", train_args(root, recipe, overrides))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return root
+
+
+def trained(launched) -> Path:
+    results, work = launched
+    assert results["train"]["ok"], results["train"]["error"]
+    return work
+
+
+RELORA = ["--lora.rank", "8", "--lora_merge.every", "4", "--momentum_reset.every", "4", "--momentum_reset.warmup_steps", "2"]
+MASTER = ["--slimtrain.methods", "master_weights_bf16"]
+
+
+@planner("export_relora")
+def plan_relora(assets, work):
+    return [{"name": "train", "args": train_args(work, "relora", RELORA)}]
+
+
+@planner("export_master_weights")
+def plan_master_weights(assets, work):
+    return [{"name": "train", "args": train_args(work, "full_rank", MASTER)}]
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +72,14 @@ def test_export_loads_with_the_runs_logits_perplexity_and_generates(run):
     check_export(run)
 
 
-def test_export_of_a_relora_run(tmp_path):
+@pytest.mark.launch("export_relora", nproc=1)
+def test_export_of_a_relora_run(launched):
     """A recipe with a frozen base (LoRA's W0), merges and momentum resets."""
-    check_export(train(tmp_path, "relora", ["--lora.rank", "8", "--lora_merge.every", "4", "--momentum_reset.every", "4",
-                                           "--momentum_reset.warmup_steps", "2"]))
+    check_export(trained(launched))
 
 
-def test_export_of_a_master_weights_run_writes_the_restored_fp32_weights(tmp_path):
+@pytest.mark.launch("export_master_weights", nproc=1)
+def test_export_of_a_master_weights_run_writes_the_restored_fp32_weights(launched):
     """bf16 + int8 correction (master_weights_bf16): the export carries the fp32 weight the layer
     restores from the checkpoint's correction, not the stored bf16 one (which loses the small updates)."""
     import safetensors.torch
@@ -61,7 +88,7 @@ def test_export_of_a_master_weights_run_writes_the_restored_fp32_weights(tmp_pat
     from slimtrain.plugins.master_weights_bf16 import KEY, restore
     from slimtrain.titan_integration import export as ex
 
-    run = train(tmp_path, "full_rank", ["--slimtrain.methods", "master_weights_bf16"])
+    run = trained(launched)
     check_export(run)
     plan = ex.plan(str(run / "run"), str(run / "unused"))
     name = "layers.0.feed_forward.w1.weight"
