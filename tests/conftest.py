@@ -38,3 +38,27 @@ def fresh_registry(monkeypatch):
     manager.reset()
     yield manager
     manager.reset()
+
+
+@pytest.fixture(scope="session")
+def offline_assets(tmp_path_factory):
+    """A tiny jsonl text folder and tokenizers for the training tests (tests/integration/helpers.py)."""
+    from tests.integration.helpers import make_offline_assets
+
+    return make_offline_assets(tmp_path_factory.mktemp("titan_assets"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_launches(request, tmp_path_factory):
+    """The trainings of the selected tests marked ``launch``, started in the background before the
+    first test (tests/integration/shared_launch.py); None when no such test is selected."""
+    if not any(item.get_closest_marker("launch") is not None for item in request.session.items):
+        yield None
+        return
+    from tests.integration.helpers import env
+    from tests.integration.shared_launch import Launches
+
+    assets = request.getfixturevalue("offline_assets")
+    launches = Launches(request.session, assets, tmp_path_factory.mktemp("launches"), env())
+    yield launches
+    launches.stop()

@@ -13,8 +13,9 @@ so every run compiles its own model as a fresh process would, and its compile co
 PLAN.json: {"results": PATH, "runs": [{"name": str, "args": [...], "env": {...}, "log_file": PATH}]}
 ("env" and "log_file" optional; "log_file": the run's own log records, as the process logs them,
 written by rank 0 - the launch's output holds every run's); rank 0 writes
-[{"name", "ok", "error", "seconds", "compile"}] to PATH after EVERY run (so a launch killed by a
-time limit keeps the finished runs). "compile": frames compiled, graphs, graph breaks (by reason)
+[{"name", "ok", "error", "seconds", "compile", "live_objects"}] to PATH after EVERY run (so a launch
+killed by a time limit keeps the finished runs; "live_objects": objects the garbage collector tracks
+after the run's cleanup, which a run must not leave growing). "compile": frames compiled, graphs, graph breaks (by reason)
 and recompilations (from torch._dynamo's "recompiles" log).
 """
 
@@ -202,6 +203,7 @@ def main() -> None:
         result["seconds"] = round(time.perf_counter() - started, 2)
         result["compile"] = _compile_counts()
         _free_memory()  # after the counts: also drops dynamo's compiled code of this run
+        result["live_objects"] = len(gc.get_objects())  # what the collector tracks, less the frozen startup
         results.append(result)
         if not dist.is_initialized() or dist.get_rank() == 0:
             with open(plan["results"] + ".tmp", "w") as f:

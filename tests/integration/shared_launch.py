@@ -14,22 +14,28 @@ command therefore states its runs in a *planner* and receives their results:
     def test_...(launched, nproc):
         results, work = launched              # this test's runs (names as planned), its folder
 
-The first test that asks runs one ``run_many`` launch per rank count for all the selected tests
-with a ``launch`` mark (deselected ones plan nothing), each test's runs under their own names and
-folder; the runs are independent (run_plan gives each its own trainer and compile state), so
-a failed run fails its own test only. A launch that dies fails the tests that were in it, with its
-log. The rank count is the test's ``nproc`` parameter, or the mark's: ``launch(key, nproc=2)``.
+At the session's start (tests/conftest.py) one ``run_many`` launch per rank count is planned for
+all the selected tests with a ``launch`` mark (deselected ones plan nothing) and run in the
+background while the other tests go on; each test's runs keep their own names and folder. The runs
+are independent (run_plan gives each its own trainer and compile state), so a failed run fails
+its own test only. A launch that dies fails the tests that were in it, with its log. The launch's
+environment is the session's at its start (a test's monkeypatched variables never reach it). The rank count is the test's ``nproc`` parameter, or the mark's: ``launch(key, nproc=2)``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import subprocess
+import threading
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from .helpers import run_many
+from .helpers import HERE, ROOT, TORCHRUN, _free_port
 
 PLANNERS: dict[str, Callable[..., list[dict]]] = {}
 
@@ -62,23 +68,40 @@ def _folder(nodeid: str) -> str:
 
 
 class Launches:
-    """The session's launches: planned lazily, one per rank count, on the first request."""
+    """The session's launches, one per rank count, run in turn (1 rank first) by a background thread
+    started before the first test: the suite's other tests run meanwhile (a 1-rank launch keeps one
+    of the 2 cores busy; the in-process tests mostly the other). A test waits for its launch only."""
 
-    def __init__(self, session, assets, root: Path, timeout: int = 2400):
-        self.session, self.assets, self.root, self.timeout = session, assets, root, timeout
+    def __init__(self, session, assets, root: Path, env: dict[str, str], timeout: int = 2400):
+        self.session, self.assets, self.root, self.env, self.timeout = session, assets, root, env, timeout
         self.done: dict[int, tuple[dict, str | None]] = {}  # nproc -> (nodeid -> results, launch error)
         self.work: dict[str, Path] = {}
+        self.ready: dict[int, threading.Event] = {n: threading.Event() for n in self.needed()}
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run_all, name="shared-launches", daemon=True)
+        if self.ready:
+            self.thread.start()
+
+    def needed(self) -> list[int]:
+        return sorted({_nproc(i) for i in self.session.items if i.get_closest_marker("launch") is not None} - {None})
 
     def _items(self, nproc: int) -> list:
-        out = []
-        for item in self.session.items:
-            if item.get_closest_marker("launch") is not None and _nproc(item) == nproc:
-                out.append(item)
-        return out
+        return [i for i in self.session.items if i.get_closest_marker("launch") is not None and _nproc(i) == nproc]
 
-    def _launch(self, nproc: int) -> None:
-        base = self.root / f"{nproc}rank"
-        base.mkdir()
+    def _run_all(self) -> None:
+        for nproc in self.ready:
+            try:
+                if self.stopping:
+                    self.done[nproc] = ({}, "the session ended before this launch ran")
+                else:
+                    self._launch(nproc)
+            except BaseException as exc:  # noqa: BLE001 - a planner or the launcher failed: its tests say so
+                self.done[nproc] = ({}, f"the shared {nproc}-rank launch could not run: {type(exc).__name__}: {exc}")
+            finally:
+                self.ready[nproc].set()
+
+    def _plan(self, nproc: int, base: Path) -> tuple[list[dict], dict]:
         runs, owner = [], {}
         for i, item in enumerate(self._items(nproc)):
             key = item.get_closest_marker("launch").args[0]
@@ -86,32 +109,58 @@ class Launches:
             work.mkdir()
             self.work[item.nodeid] = work
             params = _params(item)
+            params.setdefault("nproc", nproc)
             fn = PLANNERS[key]
             wanted = fn.__code__.co_varnames[2:fn.__code__.co_argcount]
-            params.setdefault("nproc", nproc)
             for run in fn(self.assets, work, **{k: params[k] for k in wanted}):
                 name = f"{i:03d}/{run['name']}"
                 owner[name] = (item.nodeid, run["name"])
                 runs.append({**run, "name": name})
+        return runs, owner
+
+    def _launch(self, nproc: int) -> None:
+        base = self.root / f"{nproc}rank"
+        base.mkdir()
+        runs, owner = self._plan(nproc, base)
+        plan, results_file = base / "plan.json", base / "results.json"
+        plan.write_text(json.dumps({"results": str(results_file), "runs": runs}))
+        cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
+               str(HERE / "run_many.py"), str(plan)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        try:
+            out, _ = self.proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            out, _ = self.proc.communicate()
+            out += f"\n[shared launch] killed after {self.timeout} s"
+        (base / "run_many.log").write_text(out)
         per_test: dict[str, dict] = {nodeid: {} for nodeid, _ in owner.values()}
         error = None
-        try:
-            results = run_many(nproc, runs, base, timeout=self.timeout)
-        except Exception as exc:  # noqa: BLE001 - the launch died: every test in it fails
-            error = f"the shared {nproc}-rank launch failed ({type(exc).__name__}): {str(exc)[-6000:]}"
+        if self.proc.returncode != 0 or not results_file.exists():
+            error = (f"the shared {nproc}-rank launch failed (exit {self.proc.returncode}; log {base / 'run_many.log'}):\n"
+                     f"{out[-6000:]}")
         else:
-            for name, res in results.items():
-                nodeid, own = owner[name]
+            for res in json.loads(results_file.read_text()):
+                nodeid, own = owner[res["name"]]
                 per_test[nodeid][own] = {**res, "name": own}
         self.done[nproc] = (per_test, error)
+
+    def stop(self) -> None:
+        """End the launch under way (its whole process group: torchrun and its ranks)."""
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def results(self, node) -> tuple[dict, Path]:
         nproc = _nproc(node)
         if nproc is None:
             raise pytest.UsageError(f"{node.nodeid}: a test marked 'launch' needs an 'nproc' parameter or "
                                     f"launch(key, nproc=N)")
-        if nproc not in self.done:
-            self._launch(nproc)
+        self.ready[nproc].wait()
         per_test, error = self.done[nproc]
         if error:
             pytest.fail(error)
