@@ -1,9 +1,10 @@
 """The user's training command on CPU: every recipe, 1 and 2 ranks, exact resume, fault handling.
 
-Most runs go through ``run_many.py`` (one torchrun launch runs many trainings exactly as
-``titan_integration/train.py`` does, to keep the suite short on 2 cores); two tests launch
-``titan_integration/train.py`` itself: the sltrain recipe on the embedded corpus, and a bad
-composition that must fail before any model is built.
+Most runs go through the session's shared launches (tests/integration/shared_launch.py: one
+torchrun launch per rank count runs every planned training exactly as ``titan_integration/train.py``
+does, to keep the suite short on 2 cores); the other tests launch ``titan_integration/train.py``
+itself: the sltrain recipe on the embedded corpus, and the refusals that must come before any
+model is built.
 """
 
 from __future__ import annotations
