@@ -15,8 +15,8 @@ PLAN.json: {"results": PATH, "runs": [{"name": str, "args": [...], "env": {...},
 written by rank 0 - the launch's output holds every run's); rank 0 writes
 [{"name", "ok", "error", "seconds", "compile", "live_objects"}] to PATH after EVERY run (so a launch
 killed by a time limit keeps the finished runs; "live_objects": objects the garbage collector tracks
-after the run's cleanup, which a run must not leave growing). "compile": frames compiled, graphs, graph breaks (by reason)
-and recompilations (from torch._dynamo's "recompiles" log).
+after the run's cleanup, which a run must not leave growing). "compile": frames compiled, graphs,
+graph breaks (by reason) and recompilations (from torch._dynamo's "recompiles" log).
 """
 
 from __future__ import annotations

@@ -76,9 +76,13 @@ def env() -> dict[str, str]:
     return e
 
 
+def torchrun_cmd(nproc: int, script: str, args: list[str]) -> list[str]:
+    return [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), script, *args]
+
+
 def torchrun(nproc: int, script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), script, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(nproc, script, args), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def python(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -87,11 +91,18 @@ def python(script: str, args: list[str], timeout: int = 300) -> subprocess.Compl
                           text=True, timeout=timeout)
 
 
-def run_many(nproc: int, runs: list[dict], workdir: Path, timeout: int = 600) -> dict[str, dict]:
+def run_many_cmd(nproc: int, runs: list[dict], workdir: Path) -> tuple[list[str], Path]:
+    """The torchrun command of one run_many launch of ``runs`` (its plan written to workdir/plan.json),
+    and the file its results go to."""
     plan = workdir / "plan.json"
     results = workdir / "results.json"
     plan.write_text(json.dumps({"results": str(results), "runs": runs}))
-    proc = torchrun(nproc, str(HERE / "run_many.py"), [str(plan)], timeout=timeout)
+    return torchrun_cmd(nproc, str(HERE / "run_many.py"), [str(plan)]), results
+
+
+def run_many(nproc: int, runs: list[dict], workdir: Path, timeout: int = 600) -> dict[str, dict]:
+    cmd, results = run_many_cmd(nproc, runs, workdir)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     (workdir / "run_many.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0 and results.exists(), (proc.stdout + proc.stderr)[-6000:]
     return {r["name"]: r for r in json.loads(results.read_text())}

@@ -24,6 +24,7 @@ environment is the session's at its start (a test's monkeypatched variables neve
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -31,12 +32,13 @@ import signal
 import subprocess
 import threading
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from .helpers import HERE, ROOT, TORCHRUN, _free_port
+from .helpers import ROOT, run_many_cmd
 
 PLANNERS: dict[str, Callable[..., list[dict]]] = {}
 
@@ -75,7 +77,7 @@ class Launches:
 
     def __init__(self, session, assets, root: Path, env: dict[str, str], timeout: int = 2400):
         self.session, self.assets, self.root, self.env, self.timeout = session, assets, root, env, timeout
-        self.done: dict[int, tuple[dict, str | None]] = {}  # nproc -> (nodeid -> results, launch error)
+        self.done: dict[int, tuple[dict, dict]] = {}  # nproc -> (nodeid -> results, nodeid -> launch error)
         self.work: dict[str, Path] = {}
         self.retried: dict[str, str] = {}  # nodeid -> why its runs ran in a second launch
         self.ready: dict[int, threading.Event] = {n: threading.Event() for n in self.needed()}
@@ -93,13 +95,15 @@ class Launches:
 
     def _run_all(self) -> None:
         for nproc in self.ready:
+            items = self._items(nproc)
             try:
                 if self.stopping:
-                    self.done[nproc] = ({}, "the session ended before this launch ran")
+                    self.done[nproc] = ({}, {i.nodeid: "the session ended before this launch ran" for i in items})
                 else:
-                    self._launch(nproc)
+                    self._launch(nproc, items)
             except BaseException as exc:  # noqa: BLE001 - a planner or the launcher failed: its tests say so
-                self.done[nproc] = ({}, f"the shared {nproc}-rank launch could not run: {type(exc).__name__}: {exc}")
+                why = f"the shared {nproc}-rank launch could not run: {type(exc).__name__}: {exc}"
+                self.done[nproc] = ({}, {i.nodeid: why for i in items})
             finally:
                 self.ready[nproc].set()
 
@@ -113,41 +117,42 @@ class Launches:
             params = _params(item)
             params.setdefault("nproc", nproc)
             fn = PLANNERS[key]
-            wanted = fn.__code__.co_varnames[2:fn.__code__.co_argcount]
+            wanted = list(inspect.signature(fn).parameters)[2:]  # after (assets, work)
             for run in fn(self.assets, work, **{k: params[k] for k in wanted}):
                 name = f"{i:03d}/{run['name']}"
                 owner[name] = (item.nodeid, run["name"])
                 runs.append({**run, "name": name})
         return runs, owner
 
-    def _launch(self, nproc: int) -> None:
+    def _launch(self, nproc: int, items: list) -> None:
         """The launch; if its process dies (a native crash: a gloo rank once segfaulted inside a
         collective on the loaded 2-core machine), the tests left without all their results are
         planned again into fresh folders and run once more in a new launch, and say so."""
-        items = self._items(nproc)
         per_test, error, complete = self._run(nproc, items, self.root / f"{nproc}rank")
-        if error and not self.stopping:
+        errors = {}
+        if error:
             missing = [item for item in items if item.nodeid not in complete]
-            retry, error2, _ = self._run(nproc, missing, self.root / f"{nproc}rank_retry")
-            per_test.update(retry)
-            for item in missing:
-                self.retried[item.nodeid] = error
-            error = error2
-        self.done[nproc] = (per_test, error)
+            if self.stopping:
+                errors = {item.nodeid: error for item in missing}
+            else:
+                retry, error2, _ = self._run(nproc, missing, self.root / f"{nproc}rank_retry")
+                per_test.update(retry)
+                self.retried.update({item.nodeid: error for item in missing})
+                errors = {item.nodeid: error2 for item in missing} if error2 else {}
+        self.done[nproc] = (per_test, errors)
 
     def _run(self, nproc: int, items: list, base: Path) -> tuple[dict, str | None, set[str]]:
+        """One launch of ``items``' runs: (nodeid -> results, why it failed or None, the nodeids
+        that got a result for every run they planned)."""
         base.mkdir()
         runs, owner = self._plan(nproc, items, base)
-        plan, results_file = base / "plan.json", base / "results.json"
-        plan.write_text(json.dumps({"results": str(results_file), "runs": runs}))
-        cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
-               str(HERE / "run_many.py"), str(plan)]
+        cmd, results_file = run_many_cmd(nproc, runs, base)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         try:
             out, _ = self.proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            self.stop()
+            self._kill()
             out, _ = self.proc.communicate()
             out += f"\n[shared launch] killed after {self.timeout} s"
         (base / "run_many.log").write_text(out)
@@ -156,9 +161,7 @@ class Launches:
             for res in json.loads(results_file.read_text()):
                 nodeid, own = owner[res["name"]]
                 per_test[nodeid][own] = {**res, "name": own}
-        planned: dict[str, int] = {}
-        for nodeid, _ in owner.values():
-            planned[nodeid] = planned.get(nodeid, 0) + 1
+        planned = Counter(nodeid for nodeid, _ in owner.values())
         complete = {nodeid for nodeid, n in planned.items() if len(per_test[nodeid]) == n}
         error = None
         if self.proc.returncode != 0:
@@ -167,8 +170,12 @@ class Launches:
         return per_test, error, complete
 
     def stop(self) -> None:
-        """End the launch under way (its whole process group: torchrun and its ranks)."""
+        """The session ends: kill the launch under way and start no other."""
         self.stopping = True
+        self._kill()
+
+    def _kill(self) -> None:
+        """End the launch under way (its whole process group: torchrun and its ranks)."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -181,9 +188,9 @@ class Launches:
             raise pytest.UsageError(f"{node.nodeid}: a test marked 'launch' needs an 'nproc' parameter or "
                                     f"launch(key, nproc=N)")
         self.ready[nproc].wait()
-        per_test, error = self.done[nproc]
-        if error:
-            pytest.fail(error)
+        per_test, errors = self.done[nproc]
+        if node.nodeid in errors:
+            pytest.fail(errors[node.nodeid])
         if node.nodeid not in per_test:
             raise pytest.UsageError(f"{node.nodeid}: its planner made no runs")
         if node.nodeid in self.retried:

@@ -37,9 +37,9 @@ def checkpoint_dtypes(dump_folder) -> dict:
     return {k.removeprefix("model."): m.properties.dtype for k, m in meta.items() if hasattr(m, "properties")}
 
 
-def _plan(assets, work, nproc, variants):
+def _plan(assets, work, nproc):
     runs = []
-    for name in variants:
+    for name in VARIANTS:
         recipe, extra = VARIANTS[name]
         base = ["--job.config_file", str(ROOT / "plugins" / f"{recipe}.toml"), *offline_args(assets),
                 *without_methods(RECIPE_OVERRIDES[recipe]), *extra]
@@ -59,7 +59,7 @@ def _plan(assets, work, nproc, variants):
 
 @planner("master_weights_train")
 def plan(assets, work, nproc):
-    runs, bad = _plan(assets, work, nproc, list(VARIANTS))
+    runs, bad = _plan(assets, work, nproc)
     return runs + [b[2] for b in bad]
 
 
@@ -67,11 +67,10 @@ def plan(assets, work, nproc):
 @pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "2ranks"])
 def test_master_weights_train_and_resume_bitwise(launched, offline_assets, nproc):
     results, tmp_path = launched
-    variants = list(VARIANTS)
-    runs, bad = _plan(offline_assets, tmp_path, nproc, variants)
+    runs, bad = _plan(offline_assets, tmp_path, nproc)
     for run in runs:
         assert results[run["name"]]["ok"], (run["name"], results[run["name"]]["error"])
-    for name in variants:
+    for name in VARIANTS:
         a, _ = read_log(tmp_path / f"{name}_straight.jsonl")
         b, _ = read_log(tmp_path / f"{name}_resumed.jsonl")
         assert [e["step"] for e in b] == list(range(1, STEPS + 1)), name

@@ -11,7 +11,6 @@ with torch.multiprocessing and a file store and left the group while its peer wa
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import pytest
